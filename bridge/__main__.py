@@ -1,0 +1,142 @@
+"""python -m bridge: convert LensToWords' PyTorch weights to a lensjax checkpoint and back."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bridge.io import BridgeError
+from lensjax.checkpoint import CheckpointError
+from lensjax.params import ParamMismatchError
+
+EPILOG = """\
+examples:
+  python -m bridge import --perceiver weights/best_perciever.pth \\
+      --gpt2-blocks weights/best_gpt2.pth --cross-attention weights/best_cross_attention.pth \\
+      --gpt2 weights/gpt2 --out weights/v3b
+  python -m bridge export weights/v3b --out exported/
+  python -m bridge inspect weights/best_perciever.pth
+
+Layouts (notebook = the released files, src = LensToWords' src/model.py) are detected from the
+keys. .pth files are read with torch.load(weights_only=True) only: pickled code is refused.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imp = commands.add_parser(
+        "import",
+        help="released .pth files -> lensjax checkpoint directory",
+        description="Convert LensToWords' released files into a lensjax checkpoint directory.",
+    )
+    imp.add_argument("--perceiver", required=True, type=Path,
+                     help="best_perciever.pth (notebook or src layout)")
+    imp.add_argument("--gpt2-blocks", required=True, type=Path,
+                     help="best_gpt2.pth: the fine-tuned GPT-2 blocks")
+    imp.add_argument("--cross-attention", required=True, type=Path,
+                     help="best_cross_attention.pth")
+    imp.add_argument("--gpt2", required=True, type=Path,
+                     help="public HF gpt2 folder, or its model.safetensors / pytorch_model.bin "
+                     "(supplies wte, wpe, ln_f)")
+    imp.add_argument("--encoder", type=Path,
+                     help="timm ConvNeXt-Tiny weights (.pth or .safetensors); without it the "
+                     "checkpoint captions pre-computed features only")
+    imp.add_argument("--encoder-head",
+                     help="encoder head file (projections.{0,1,2}/norm or proj1..3/norm), or "
+                     "'random' for a fresh head initialised from --seed")
+    imp.add_argument("--preset", default="v3b",
+                     help="model shape to convert into (default: v3b; 'tiny' for test files)")
+    imp.add_argument("--seed", type=int, default=0,
+                     help="seed of a random encoder head (default: 0)")
+    imp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    exp = commands.add_parser(
+        "export",
+        help="lensjax checkpoint directory -> LensToWords .pth files",
+        description="Write a lensjax checkpoint as files the original PyTorch code loads "
+        "with load_state_dict(strict=True).",
+    )
+    exp.add_argument("checkpoint", type=Path, help="lensjax checkpoint directory")
+    exp.add_argument("--out", required=True, type=Path, help="directory to write")
+    exp.add_argument("--layout", choices=("notebook", "src"),
+                     help="check the model is in this layout (default: the model's own)")
+    exp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                     help="cast every tensor (default: each file's dtype at import)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    ins = commands.add_parser(
+        "inspect", help="show which layout a weights file has",
+        description="Print the detected layout, tensor count and dtypes of weights files.",
+    )
+    ins.add_argument("files", nargs="+", type=Path)
+    return parser
+
+
+def _inspect(files: list[Path]) -> None:
+    from bridge.convert import detect_table
+    from bridge.io import read_state_dict, resolve_weights_file
+    from bridge.tables import TABLES
+
+    for path in files:
+        tensors = read_state_dict(resolve_weights_file(path))
+        dtypes = sorted({str(v.dtype) for v in tensors.values()})
+        layouts = []
+        for component in TABLES:
+            try:
+                layouts.append(detect_table(component, path, tensors).name)
+            except BridgeError:
+                continue
+        print(f"{path}: {len(tensors)} tensors, {'/'.join(dtypes)}, "
+              f"layout: {', '.join(layouts) or 'unknown'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "import":
+            from bridge.convert import import_model
+
+            if args.out.exists() and not args.force:
+                raise BridgeError(f"{args.out} already exists; pass --force to replace it")
+            model = import_model(
+                perceiver=args.perceiver,
+                gpt2_blocks=args.gpt2_blocks,
+                cross_attention=args.cross_attention,
+                gpt2=args.gpt2,
+                encoder=args.encoder,
+                encoder_head=args.encoder_head,
+                preset=args.preset,
+                seed=args.seed,
+                log=print,
+            )
+            model.save(args.out, overwrite=args.force)
+            missing = [c for c, r in model.metadata["components"].items()
+                       if r.get("status") == "absent"]
+            print(f"wrote {args.out} (preset {model.config.preset}, layout {model.config.layout}"
+                  + (f"; no {' or '.join(missing)}: it captions pre-computed features only)"
+                     if missing else ")"))
+        elif args.command == "export":
+            from bridge.convert import export_files
+
+            export_files(args.checkpoint, args.out, layout=args.layout, dtype=args.dtype,
+                         force=args.force, log=print)
+            print(f"wrote {args.out}")
+        else:
+            _inspect(args.files)
+    except (BridgeError, CheckpointError, ParamMismatchError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""PyTorch state dicts <-> lensjax parameters, through the tables in `bridge.tables`.
+
+Import detects each file's layout from its keys, checks every key and shape against the model
+configuration, and reports all problems of all files in one error. Export walks the same rules
+backwards and restores each file's original dtypes, so import followed by export gives back
+bit-identical tensors under identical keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+import lensjax
+from bridge.io import (
+    BridgeError,
+    StateDict,
+    read_state_dict,
+    resolve_weights_file,
+    temporary_sibling,
+    write_safetensors,
+    write_torch_file,
+)
+from bridge.tables import DESCRIPTIONS, EXPORT_TABLES, TABLES, Table
+from lensjax.api import CaptionModel
+from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
+from lensjax.models.captioner import PRESETS, CaptionerConfig
+from lensjax.models.convnext import MultiScaleHead
+from lensjax.params import abstract_params, check_params, flat_params
+
+RANDOM = "random"
+
+
+@dataclasses.dataclass
+class Source:
+    """One weights file given for one component."""
+
+    component: str
+    path: Path
+    tensors: StateDict
+    table: Table
+
+
+def _match_fraction(table: Table, keys: list[str]) -> float:
+    normalised = [table.normalise(k) for k in keys]
+    matched = sum(1 for k in normalised if table.match_torch(k) or table.ignored(k))
+    return matched / len(keys)
+
+
+def detect_table(component: str, path: Path, tensors: StateDict) -> Table:
+    """The table of `component` whose rules explain the file's keys; a clear error otherwise."""
+    keys = list(tensors)
+    scored = [(t, _match_fraction(t, keys)) for ts in TABLES.values() for t in ts]
+    own = [(t, s) for t, s in scored if t.component == component and s >= 0.5]
+    if own:
+        return max(own, key=lambda item: item[1])[0]
+    best, score = max(scored, key=lambda item: item[1])
+    given = DESCRIPTIONS[component]
+    if score >= 0.5:
+        raise BridgeError(
+            f"{path} was given as the {given}, but its keys are those of the "
+            f"{DESCRIPTIONS[best.component]} ({best.name} layout); check the file arguments"
+        )
+    raise BridgeError(
+        f"{path} was given as the {given}, but its keys match no known layout "
+        f"(first keys: {', '.join(keys[:5])})"
+    )
+
+
+def _torch_shape(rule, binds, expected) -> tuple[int, ...]:
+    return rule.transform.torch_shape(
+        [tuple(expected[t.format(**binds)].shape) for t in rule.flax]
+    )
+
+
+def torch_to_flax(
+    source: Source,
+    expected: Mapping[str, jax.ShapeDtypeStruct],
+    exclude: frozenset[str] = frozenset(),
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Convert one source file -> ({flax path: array}, problems).
+
+    `expected` holds the model's parameter shapes; the file must supply every path of its
+    table that is not in `exclude` (paths another file supplies), and nothing else.
+    """
+    table, path = source.table, source.path
+    wanted: dict[str, tuple[Any, dict[str, str]]] = {}
+    for flax_path in expected:
+        found = table.match_flax(flax_path)
+        if found and flax_path not in exclude:
+            rule, binds = found
+            wanted[rule.torch.format(**binds)] = (rule, binds)
+    canonical = {table.normalise(k): k for k in source.tensors}
+    params: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for key, (rule, binds) in wanted.items():
+        shape = _torch_shape(rule, binds, expected)
+        if key not in canonical:
+            problems.append(f"{path}: missing key {key!r} (expected shape {shape})")
+            continue
+        tensor = source.tensors[canonical[key]]
+        if tuple(tensor.shape) != shape:
+            problems.append(
+                f"{path}: key {canonical[key]!r} has shape {tuple(tensor.shape)}, "
+                f"expected {shape}"
+            )
+            continue
+        for template, array in zip(rule.flax, rule.transform.to_flax(tensor), strict=True):
+            params[template.format(**binds)] = array
+    for key, original in canonical.items():
+        if key in wanted or table.ignored(key):
+            continue
+        found = table.match_torch(key)
+        supplied_elsewhere = found and all(
+            t.format(**found[1]) in exclude for t in found[0].flax
+        )
+        if not supplied_elsewhere:
+            shape = tuple(source.tensors[original].shape)
+            problems.append(f"{path}: unexpected key {original!r} (shape {shape})")
+    return params, problems
+
+
+def _natural_key(key: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def flax_to_torch(table: Table, params: Mapping[str, np.ndarray]) -> StateDict:
+    """The torch state dict (export spelling) that `table` makes of `params`."""
+    groups: dict[str, tuple[Any, dict[str, str]]] = {}
+    for flax_path in params:
+        found = table.match_flax(flax_path)
+        if found:
+            groups.setdefault(found[0].torch.format(**found[1]), found)
+    tensors: StateDict = {}
+    for key in sorted(groups, key=_natural_key):
+        rule, binds = groups[key]
+        arrays = [np.asarray(params[t.format(**binds)]) for t in rule.flax]
+        tensors[key] = np.ascontiguousarray(rule.transform.to_torch(arrays))
+    for tied, original in table.tied:
+        if original in tensors:
+            tensors[tied] = tensors[original].copy()
+    return {table.export_key(k): v for k, v in tensors.items()}
+
+
+def _dtype_record(tensors: StateDict, table: Table) -> dict[str, Any]:
+    dtypes = {table.normalise(k): str(v.dtype) for k, v in tensors.items()}
+    kinds = set(dtypes.values())
+    return {"dtype": kinds.pop()} if len(kinds) == 1 else {"dtypes": dtypes}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _preset_for_layout(preset: str, layout: str) -> str:
+    base = preset.removesuffix("-src")
+    name = f"{base}-src" if layout == "src" else base
+    if name not in PRESETS:
+        raise BridgeError(f"no {layout}-layout variant of preset {preset!r}")
+    return name
+
+
+def import_params(
+    *,
+    perceiver: str | os.PathLike,
+    gpt2_blocks: str | os.PathLike,
+    cross_attention: str | os.PathLike,
+    gpt2: str | os.PathLike,
+    encoder: str | os.PathLike | None = None,
+    encoder_head: str | os.PathLike | None = None,
+    preset: str = "v3b",
+    seed: int = 0,
+    log=None,
+) -> tuple[CaptionerConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """Read the released files -> (config, {flax path: array}, components metadata).
+
+    `encoder_head="random"` makes a fresh head initialised from `seed` (a saved, seeded
+    component, since LensToWords never saved its head). `log` receives progress lines.
+    """
+    say = log or (lambda message: None)
+    given = {
+        "perceiver": perceiver,
+        "gpt2_blocks": gpt2_blocks,
+        "cross_attention": cross_attention,
+        "gpt2": gpt2,
+        "encoder": encoder,
+        "encoder_head": None if encoder_head == RANDOM else encoder_head,
+    }
+    sources: dict[str, Source] = {}
+    for component, path in given.items():
+        if path is None:
+            continue
+        resolved = resolve_weights_file(path)
+        tensors = read_state_dict(resolved)
+        table = detect_table(component, resolved, tensors)
+        sources[component] = Source(component, resolved, tensors, table)
+        say(f"read {resolved} ({len(tensors)} tensors): {table.name}")
+
+    layouts = {c: sources[c].table.name.split("/")[1] for c in ("perceiver", "cross_attention")}
+    if layouts["perceiver"] != layouts["cross_attention"]:
+        raise BridgeError(
+            f"the Perceiver file is in the {layouts['perceiver']} layout but the "
+            f"cross-attention file is in the {layouts['cross_attention']} layout; "
+            "both must come from the same model"
+        )
+    cfg = CaptionerConfig.from_preset(_preset_for_layout(preset, layouts["perceiver"]))
+    cfg = dataclasses.replace(
+        cfg,
+        encoder=cfg.encoder if encoder is not None else None,
+        head=cfg.head if encoder_head is not None else None,
+    )
+    expected = abstract_params(cfg)
+
+    params: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for component in ("perceiver", "gpt2_blocks", "cross_attention", "encoder", "encoder_head"):
+        if component in sources:
+            converted, found = torch_to_flax(sources[component], expected)
+            params.update(converted)
+            problems += found
+    # The public gpt2 file supplies wte, wpe and ln_f; its blocks are superseded by the
+    # released (fine-tuned) ones.
+    converted, found = torch_to_flax(sources["gpt2"], expected, frozenset(params))
+    params.update(converted)
+    problems += found
+    if problems:
+        raise BridgeError(
+            f"{len(problems)} problem(s) converting to preset {cfg.preset!r}:\n  "
+            + "\n  ".join(problems)
+        )
+
+    components: dict[str, Any] = {
+        component: {
+            "source": str(source.path),
+            "sha256": _sha256(source.path),
+            "table": source.table.name,
+            **_dtype_record(source.tensors, source.table),
+        }
+        for component, source in sources.items()
+    }
+    if encoder is None:
+        components["encoder"] = {"status": "absent"}
+    if encoder_head is None:
+        components["encoder_head"] = {"status": "absent"}
+    elif encoder_head == RANDOM:
+        head = MultiScaleHead(cfg.head, rngs=nnx.Rngs(seed))
+        params.update({f"encoder_head.{k}": np.asarray(v) for k, v in flat_params(head).items()})
+        components["encoder_head"] = {"status": "random", "seed": seed}
+        say(f"encoder head: fresh random initialisation, seed {seed}")
+    check_params(cfg, params)
+    return cfg, params, components
+
+
+def import_model(**kwargs: Any) -> CaptionModel:
+    """`import_params` -> a ready CaptionModel (same keyword arguments)."""
+    cfg, params, components = import_params(**kwargs)
+    metadata = {
+        "components": components,
+        "tokenizer": GPT2_TOKENIZER,
+        "provenance": {
+            "created_by": "bridge import",
+            "lensjax_version": lensjax.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
+            "phase": None,
+        },
+    }
+    return CaptionModel.from_params(cfg, params, metadata)
+
+
+_HF_GPT2_CONFIG = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "activation_function": "gelu_new",
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "n_inner": None,
+    "scale_attn_weights": True,
+    "tie_word_embeddings": True,
+}
+
+
+def _hf_config(cfg: CaptionerConfig) -> dict[str, Any]:
+    g = cfg.gpt2
+    return {
+        **_HF_GPT2_CONFIG,
+        "vocab_size": g.vocab_size,
+        "n_positions": g.n_positions,
+        "n_ctx": g.n_positions,
+        "n_embd": g.n_embd,
+        "n_layer": g.n_layer,
+        "n_head": g.n_head,
+        "layer_norm_epsilon": g.eps,
+        "attn_pdrop": g.attn_pdrop,
+        "resid_pdrop": g.resid_pdrop,
+        "embd_pdrop": g.embd_pdrop,
+    }
+
+
+def _restore_dtypes(
+    tensors: StateDict, table: Table, record: Mapping[str, Any] | None, dtype: str | None
+) -> StateDict:
+    """Cast to `dtype` if given, else to the dtypes the component was imported with."""
+    if dtype is None and record and "dtype" in record:
+        dtype = record["dtype"]
+    if dtype is not None:
+        return {k: v.astype(dtype) for k, v in tensors.items()}
+    per_key = (record or {}).get("dtypes", {})
+    return {k: v.astype(per_key.get(table.normalise(k), v.dtype)) for k, v in tensors.items()}
+
+
+def export_files(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    layout: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    log=None,
+) -> dict[str, Path]:
+    """Write a checkpoint as LensToWords' files -> {component: written path}.
+
+    Files: best_perciever.pth, best_gpt2.pth, best_cross_attention.pth, encoder_head.pth and
+    encoder_convnext_tiny.pth (when present), and a gpt2/ folder (config.json +
+    model.safetensors, a complete GPT2LMHeadModel).
+    """
+    say = log or (lambda message: None)
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise BridgeError(f"{out} already exists; pass --force to replace it")
+    params, metadata = load_checkpoint(checkpoint)
+    cfg = CaptionerConfig.from_dict(metadata["config"])
+    if layout is not None and layout != cfg.layout:
+        raise BridgeError(
+            f"this model is built in the {cfg.layout} layout; the {layout} layout is a "
+            "different architecture, so its weights cannot be written in it"
+        )
+    records = metadata.get("components", {})
+    tmp = temporary_sibling(out)
+    written: dict[str, Path] = {}
+    try:
+        tmp.mkdir(parents=True)
+        for component, table in EXPORT_TABLES[cfg.layout].items():
+            tensors = flax_to_torch(table, params)
+            if not tensors:
+                say(f"{component}: not in this checkpoint, skipped")
+                continue
+            tensors = _restore_dtypes(tensors, table, records.get(component), dtype)
+            target = tmp / table.filename
+            if component == "gpt2":
+                target.parent.mkdir(exist_ok=True)
+                write_safetensors(target, tensors)
+                (target.parent / "config.json").write_text(json.dumps(_hf_config(cfg), indent=2))
+            else:
+                write_torch_file(target, tensors)
+            written[component] = out / table.filename
+            say(f"wrote {table.filename} ({len(tensors)} tensors)")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return written

@@ -1,0 +1,1 @@
+"""Flax NNX modules, one file per model family."""

@@ -1,0 +1,194 @@
+"""GPT-2 small with image cross-attention, in the three forms LensToWords used.
+
+- inject, per-layer cross-attention (`xattn="per_layer"`, the released v3b model): for each layer
+  `x += attn(ln_1 x)`; `x += xattn[i].cross_attn(q=xattn[i].layernorm(x), k=v=latents)`;
+  `x += mlp(ln_2 x)`.
+- inject, one shared post-norm cross-attention after each whole block (`xattn="shared"`,
+  `src/model.py`): `x = block(x)`; `x = xattn.norm(x + xattn.attn(x, latents))`.
+- prepend (phases 2a/2b): the latents are placed before the token embeddings, positions run
+  over the whole sequence, and no cross-attention is applied.
+
+Parameter names follow HF's `GPT2LMHeadModel.transformer` (`wte`, `wpe`, `h.{i}.ln_1`,
+`h.{i}.attn.c_attn`, ...). GPT-2's Conv1D weights are (in, out), exactly a Flax kernel.
+The LM head is tied to `wte`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lensjax.models.layers import (
+    MultiheadAttention,
+    dot_product_attention,
+    dropout,
+    gelu_tanh,
+    layer_norm,
+    merge_heads,
+    split_heads,
+)
+
+Mode = Literal["inject", "prepend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 shape and dropout rates (HF names); `xattn` picks the cross-attention form."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    eps: float = 1e-5
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.0
+    xattn: Literal["per_layer", "shared"] = "per_layer"
+    xattn_heads: int = 12
+    xattn_eps: float = 1e-5
+
+    @classmethod
+    def gpt2(cls) -> GPT2Config:
+        """GPT-2 small as the notebooks ran it (no embedding dropout)."""
+        return cls()
+
+    @classmethod
+    def src(cls) -> GPT2Config:
+        """`src/model.py`: one shared cross-attention, HF's embedding dropout."""
+        return cls(xattn="shared", embd_pdrop=0.1)
+
+    @classmethod
+    def tiny(cls) -> GPT2Config:
+        return cls(n_positions=128, n_embd=64, n_layer=2, n_head=4, xattn_heads=4)
+
+
+def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class GPT2Attention(nnx.Module):
+    """Causal self-attention: `c_attn` (n, 3n) packs q, k, v columns; `c_proj` (n, n)."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.n_head
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_pdrop = cfg.resid_pdrop
+        self.c_attn = _gpt2_linear(cfg.n_embd, 3 * cfg.n_embd, rngs)
+        self.c_proj = _gpt2_linear(cfg.n_embd, cfg.n_embd, rngs)
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """(B, T, n) -> (B, T, n)."""
+        q, k, v = (split_heads(t, self.num_heads) for t in jnp.split(self.c_attn(x), 3, -1))
+        length = x.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        out = dot_product_attention(q, k, v, causal, dropout_rate=self.attn_pdrop, rngs=rngs)
+        return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs)
+
+
+class GPT2MLP(nnx.Module):
+    """`c_fc` (n, 4n), tanh GELU, `c_proj` (4n, n), residual dropout."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.resid_pdrop = cfg.resid_pdrop
+        self.c_fc = _gpt2_linear(cfg.n_embd, 4 * cfg.n_embd, rngs)
+        self.c_proj = _gpt2_linear(4 * cfg.n_embd, cfg.n_embd, rngs)
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return dropout(self.c_proj(gelu_tanh(self.c_fc(x))), self.resid_pdrop, rngs)
+
+
+class GPT2Block(nnx.Module):
+    """One GPT-2 layer, split in two halves so cross-attention can go between them."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.ln_1 = layer_norm(cfg.n_embd, cfg.eps, rngs=rngs)
+        self.attn = GPT2Attention(cfg, rngs=rngs)
+        self.ln_2 = layer_norm(cfg.n_embd, cfg.eps, rngs=rngs)
+        self.mlp = GPT2MLP(cfg, rngs=rngs)
+
+    def self_attention(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return x + self.attn(self.ln_1(x), rngs=rngs)
+
+    def feed_forward(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return x + self.mlp(self.ln_2(x), rngs=rngs)
+
+
+class CrossAttentionBlock(nnx.Module):
+    """Per-layer, pre-norm: x + cross_attn(q=layernorm(x), k=v=latents)."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.layernorm = layer_norm(cfg.n_embd, cfg.xattn_eps, rngs=rngs)
+        self.cross_attn = MultiheadAttention(cfg.n_embd, cfg.xattn_heads, rngs=rngs)
+
+    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
+        """x (B, T, n), latents (B, L, n) -> (B, T, n)."""
+        return x + self.cross_attn(self.layernorm(x), latents)
+
+
+class SharedCrossAttention(nnx.Module):
+    """`src/model.py`'s CrossAttention, post-norm: norm(x + attn(x, latents, latents))."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.attn = MultiheadAttention(cfg.n_embd, cfg.xattn_heads, rngs=rngs)
+        self.norm = layer_norm(cfg.n_embd, cfg.xattn_eps, rngs=rngs)
+
+    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
+        return self.norm(x + self.attn(x, latents))
+
+
+class GPT2Decoder(nnx.Module):
+    """GPT-2 LM with image conditioning. Params: `wte`, `wpe`, `h.{i}`, `xattn`, `ln_f`."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, rngs=rngs)
+        self.h = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.xattn = (
+            nnx.List([CrossAttentionBlock(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+            if cfg.xattn == "per_layer"
+            else SharedCrossAttention(cfg, rngs=rngs)
+        )
+        self.ln_f = layer_norm(cfg.n_embd, cfg.eps, rngs=rngs)
+
+    def _cross_attend(self, layer: int, x: jax.Array, latents: jax.Array) -> jax.Array:
+        if isinstance(self.xattn, SharedCrossAttention):
+            return self.xattn(x, latents)
+        return self.xattn[layer](x, latents)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        latents: jax.Array,
+        *,
+        mode: Mode = "inject",
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """input_ids (B, T) int, latents (B, L, n) -> logits float32 (B, T, vocab).
+
+        In prepend mode the logits of the L latent positions are dropped.
+        """
+        x = self.wte(input_ids)
+        if mode == "prepend":
+            x = jnp.concatenate([latents.astype(x.dtype), x], axis=1)
+        if x.shape[1] > self.cfg.n_positions:
+            raise ValueError(
+                f"sequence of {x.shape[1]} positions exceeds n_positions={self.cfg.n_positions}"
+            )
+        x = dropout(x + self.wpe(jnp.arange(x.shape[1])), self.cfg.embd_pdrop, rngs)
+        for layer, block in enumerate(self.h):
+            x = block.self_attention(x, rngs=rngs)
+            if mode == "inject" and self.cfg.xattn == "per_layer":
+                x = self._cross_attend(layer, x, latents)
+            x = block.feed_forward(x, rngs=rngs)
+            if mode == "inject" and self.cfg.xattn == "shared":
+                x = self._cross_attend(layer, x, latents)
+        if mode == "prepend":
+            x = x[:, latents.shape[1] :]
+        return self.wte.attend(self.ln_f(x)).astype(jnp.float32)

@@ -1,0 +1,77 @@
+"""Flat parameter dictionaries keyed by stable dotted paths, and building models from them.
+
+Paths are the module attribute paths joined by dots, e.g. `perceiver.cross_attn.q.kernel` or
+`gpt2.h.3.mlp.c_fc.kernel`. The bridge tables, checkpoints and optimizer labels all key off them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lensjax.models.captioner import Captioner, CaptionerConfig
+
+ParamDict = dict[str, np.ndarray]
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def flat_params(module: nnx.Module) -> dict[str, jax.Array]:
+    """All `nnx.Param` leaves of `module` as {dotted path: array}."""
+    return {
+        path_str(k): v.get_raw_value()
+        for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_captioner(cfg: CaptionerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    # Tracing the full model's construction takes seconds (flax's RNG bookkeeping under
+    # eval_shape), so it is done once per configuration and process.
+    return nnx.split(nnx.eval_shape(lambda: Captioner(cfg, rngs=nnx.Rngs(0))))
+
+
+def abstract_params(cfg: CaptionerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of a `Captioner(cfg)`, computed without allocating weights."""
+    return flat_params(nnx.merge(*_abstract_captioner(cfg)))
+
+
+class ParamMismatchError(ValueError):
+    """Parameters do not fit the model configuration (missing, unexpected or mis-shaped)."""
+
+
+def check_params(cfg: CaptionerConfig, params: Mapping[str, np.ndarray]) -> None:
+    """Raise one ParamMismatchError listing every missing, unexpected or mis-shaped path."""
+    expected = abstract_params(cfg)
+    problems = [f"missing: {p} {tuple(expected[p].shape)}" for p in expected if p not in params]
+    problems += [f"unexpected: {p}" for p in params if p not in expected]
+    problems += [
+        f"shape of {p}: expected {tuple(expected[p].shape)}, found {tuple(params[p].shape)}"
+        for p in expected
+        if p in params and tuple(params[p].shape) != tuple(expected[p].shape)
+    ]
+    if problems:
+        raise ParamMismatchError(
+            f"parameters do not fit preset {cfg.preset!r} ({len(problems)} problems):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def build_captioner(
+    cfg: CaptionerConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
+) -> Captioner:
+    """A `Captioner(cfg)` holding `params` (cast to `dtype`); every path must be present."""
+    check_params(cfg, params)
+    graphdef, abstract_state = _abstract_captioner(cfg)
+    state = jax.tree.map(lambda leaf: leaf, abstract_state)  # the cached state stays abstract
+    for path, variable in nnx.to_flat_state(state):
+        if isinstance(variable, nnx.Param):
+            variable.set_raw_value(jnp.asarray(params[path_str(path)], dtype))
+    return nnx.merge(graphdef, state)

@@ -59,6 +59,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
     return flat
 
 
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
 def _orbax():
     import orbax.checkpoint as ocp  # imported lazily: it is slow to import
 
@@ -89,7 +93,7 @@ def save_checkpoint(
         checkpointer.wait_until_finished()
         document = {"format": FORMAT, "version": VERSION, **metadata}
         document.setdefault("saved", datetime.datetime.now(datetime.UTC).isoformat())
-        (tmp / METADATA_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+        _write_json(tmp / METADATA_FILE, document)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)

@@ -115,8 +115,8 @@ class Captioner(nnx.Module):
         self.perceiver = cfg.perceiver.build(rngs=rngs)
         self.gpt2 = GPT2Decoder(cfg.gpt2, rngs=rngs)
 
-    def encode(self, images: jax.Array) -> jax.Array:
-        """Normalised NHWC images (B, H, W, 3) -> features (B, 64, feature_dim)."""
+    def check_can_encode(self) -> None:
+        """Raise MissingComponentError unless this model has an encoder and its head."""
         if self.encoder is None or self.encoder_head is None:
             missing = "image encoder" if self.encoder is None else "encoder head"
             raise MissingComponentError(
@@ -124,6 +124,10 @@ class Captioner(nnx.Module):
                 "`python -m bridge import ... --encoder CONVNEXT.pth --encoder-head HEAD.pth` "
                 "(or caption pre-computed features instead)"
             )
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Normalised NHWC images (B, H, W, 3) -> features (B, 64, feature_dim)."""
+        self.check_can_encode()
         return self.encoder_head(self.encoder(images))
 
     def resample(self, features: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

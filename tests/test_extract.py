@@ -1,0 +1,128 @@
+"""python -m lensjax.extract: features equal the model's, bad images skipped, resumable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from lensjax import Captioner, CaptionerConfig, CaptionModel
+from lensjax.data.cache import FeatureCache
+from lensjax.data.images import load_image
+from lensjax.extract import extract
+from lensjax.extract import main as extract_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model = CaptionModel(Captioner(CaptionerConfig.from_preset("tiny"), rngs=nnx.Rngs(0)))
+    model.save(path)
+    return path, model
+
+
+def _images(folder, count, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:04d}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_cache_holds_the_encoder_output_for_each_file(tiny_checkpoint, tmp_path):
+    _, model = tiny_checkpoint
+    paths = _images(tmp_path / "images", 5)
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG broken")
+    paths.insert(2, tmp_path / "images" / "broken.png")
+    written, errors = extract(model, paths, tmp_path / "cache", shards=2, batch_size=4,
+                              progress=False)
+    assert written == 5
+    assert [e.args[0].split(":")[0] for e in errors] == [str(paths[2])]
+    with FeatureCache(tmp_path / "cache") as cache:
+        assert len(cache) == 5 and "broken.png" not in cache
+        batch = np.zeros((4, 224, 224, 3), np.float32)  # the same padded batch as extract's
+        batch[:2] = [load_image(p) for p in paths[:2]]
+        direct = np.asarray(model.encode(batch))
+        for row, path in enumerate(paths[:2]):
+            np.testing.assert_array_equal(cache[path.name], direct[row].astype(np.float16))
+
+
+def test_cli_exit_status_and_skips_on_rerun(tiny_checkpoint, tmp_path, capsys):
+    checkpoint, _ = tiny_checkpoint
+    _images(tmp_path / "images", 3)
+    args = [str(tmp_path / "images"), "--weights", str(checkpoint), "--out",
+            str(tmp_path / "cache"), "--shards", "2"]
+    assert extract_cli(args) == 0
+    assert extract_cli(args) == 0
+    assert "3 of 3 images already in" in capsys.readouterr().out
+    (tmp_path / "images" / "bad.jpg").write_text("nope")
+    assert extract_cli(args) == 1
+    assert "bad.jpg: not an image file" in capsys.readouterr().err
+
+
+def test_duplicate_file_names_are_refused(tiny_checkpoint, tmp_path, capsys):
+    checkpoint, _ = tiny_checkpoint
+    _images(tmp_path / "a", 1)
+    _images(tmp_path / "b", 1)
+    code = extract_cli([str(tmp_path / "a"), str(tmp_path / "b"), "--weights", str(checkpoint),
+                        "--out", str(tmp_path / "cache")])
+    assert code == 2
+    assert "occur more than once (0000.png)" in capsys.readouterr().err
+
+
+def test_checkpoint_without_encoder_is_refused(tmp_path, capsys):
+    cfg = CaptionerConfig.from_preset("tiny", encoder=None, head=None)
+    CaptionModel(Captioner(cfg, rngs=nnx.Rngs(0))).save(tmp_path / "noenc")
+    _images(tmp_path / "images", 1)
+    code = extract_cli([str(tmp_path / "images"), "--weights", str(tmp_path / "noenc"),
+                        "--out", str(tmp_path / "cache")])
+    assert code == 2
+    assert "no image encoder" in capsys.readouterr().err
+
+
+def test_kill_during_extraction_then_resume_loses_and_duplicates_nothing(tiny_checkpoint,
+                                                                        tmp_path):
+    """The run blocks on a FIFO in the middle of its inputs after committing the files before
+    it; it is killed there with SIGKILL, and a rerun completes the cache."""
+    checkpoint, model = tiny_checkpoint
+    paths = _images(tmp_path / "images", 9)
+    fifo = tmp_path / "images" / "0004.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    command = [sys.executable, "-m", "lensjax.extract", *map(str, paths), "--weights",
+               str(checkpoint), "--out", str(tmp_path / "cache"), "--shards", "3",
+               "--batch-size", "2", "--commit-every", "2", "--threads", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and committed < 4:
+        time.sleep(0.2)
+        if (tmp_path / "cache").exists():
+            try:
+                with FeatureCache(tmp_path / "cache") as cache:
+                    committed = len(cache)
+            except (FileNotFoundError, ValueError):
+                committed = 0
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert committed == 4, "the run should have committed the 4 images before the FIFO"
+    fifo.unlink()
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(fifo)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "4 of 9 images already in" in result.stdout
+    with FeatureCache(tmp_path / "cache") as cache:
+        assert sorted(cache.keys()) == sorted(p.name for p in paths)
+        assert len(cache) == 9
+        batch = np.zeros((2, 224, 224, 3), np.float32)
+        batch[0] = load_image(paths[8])
+        expected = np.asarray(model.encode(batch))[0]
+        np.testing.assert_array_equal(cache[paths[8].name], expected.astype(np.float16))

@@ -16,11 +16,12 @@ The LM head is tied to `wte`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from lensjax.models.layers import (
     MultiheadAttention,
@@ -71,6 +72,13 @@ def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+class KVCache(NamedTuple):
+    """Self-attention keys and values of one layer: each (B, max_len, H, D)."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
 class GPT2Attention(nnx.Module):
     """Causal self-attention: `c_attn` (n, 3n) packs q, k, v columns; `c_proj` (n, n)."""
 
@@ -81,13 +89,34 @@ class GPT2Attention(nnx.Module):
         self.c_attn = _gpt2_linear(cfg.n_embd, 3 * cfg.n_embd, rngs)
         self.c_proj = _gpt2_linear(cfg.n_embd, cfg.n_embd, rngs)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """(B, T, n) -> (B, T, n)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        position: jax.Array | int = 0,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x (B, T, n) -> (B, T, n), and the cache with this call's keys/values written.
+
+        Without a cache, x is the whole sequence. With one, x holds positions
+        `position .. position+T-1` and attends to everything cached before them.
+        """
         q, k, v = (split_heads(t, self.num_heads) for t in jnp.split(self.c_attn(x), 3, -1))
         length = x.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        out = dot_product_attention(q, k, v, causal, dropout_rate=self.attn_pdrop, rngs=rngs)
-        return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs)
+        if cache is None:
+            mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        else:
+            start = (0, position, 0, 0)
+            cache = KVCache(
+                lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
+                lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start),
+            )
+            k, v = cache
+            query_pos = position + jnp.arange(length)
+            mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
+        out = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_pdrop, rngs=rngs)
+        return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs), cache
 
 
 class GPT2MLP(nnx.Module):
@@ -111,8 +140,16 @@ class GPT2Block(nnx.Module):
         self.ln_2 = layer_norm(cfg.n_embd, cfg.eps, rngs=rngs)
         self.mlp = GPT2MLP(cfg, rngs=rngs)
 
-    def self_attention(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        return x + self.attn(self.ln_1(x), rngs=rngs)
+    def self_attention(
+        self,
+        x: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        position: jax.Array | int = 0,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        out, cache = self.attn(self.ln_1(x), cache=cache, position=position, rngs=rngs)
+        return x + out, cache
 
     def feed_forward(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         return x + self.mlp(self.ln_2(x), rngs=rngs)
@@ -125,9 +162,12 @@ class CrossAttentionBlock(nnx.Module):
         self.layernorm = layer_norm(cfg.n_embd, cfg.xattn_eps, rngs=rngs)
         self.cross_attn = MultiheadAttention(cfg.n_embd, cfg.xattn_heads, rngs=rngs)
 
-    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
-        """x (B, T, n), latents (B, L, n) -> (B, T, n)."""
-        return x + self.cross_attn(self.layernorm(x), latents)
+    def project_kv(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.cross_attn.project_kv(latents)
+
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """x (B, T, n), kv = project_kv(latents (B, L, n)) -> (B, T, n)."""
+        return x + self.cross_attn(self.layernorm(x), kv=kv)
 
 
 class SharedCrossAttention(nnx.Module):
@@ -137,8 +177,11 @@ class SharedCrossAttention(nnx.Module):
         self.attn = MultiheadAttention(cfg.n_embd, cfg.xattn_heads, rngs=rngs)
         self.norm = layer_norm(cfg.n_embd, cfg.xattn_eps, rngs=rngs)
 
-    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
-        return self.norm(x + self.attn(x, latents))
+    def project_kv(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.attn.project_kv(latents)
+
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return self.norm(x + self.attn(x, kv=kv))
 
 
 class GPT2Decoder(nnx.Module):
@@ -157,10 +200,67 @@ class GPT2Decoder(nnx.Module):
         )
         self.ln_f = layer_norm(cfg.n_embd, cfg.eps, rngs=rngs)
 
-    def _cross_attend(self, layer: int, x: jax.Array, latents: jax.Array) -> jax.Array:
+    def cross_kv(self, latents: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Cross-attention keys/values of the latents, one pair per layer (shared: one pair).
+
+        Computed once per image and reused for every generated token.
+        """
         if isinstance(self.xattn, SharedCrossAttention):
-            return self.xattn(x, latents)
-        return self.xattn[layer](x, latents)
+            return [self.xattn.project_kv(latents)]
+        return [block.project_kv(latents) for block in self.xattn]
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        """Empty self-attention caches for `max_len` positions, one per layer."""
+        if max_len > self.cfg.n_positions:
+            raise ValueError(f"{max_len} positions exceed n_positions={self.cfg.n_positions}")
+        shape = (batch, max_len, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head)
+        return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                for _ in range(self.cfg.n_layer)]
+
+    def embed(self, input_ids: jax.Array, latents: jax.Array | None = None) -> jax.Array:
+        """Token embeddings (B, T, n); in prepend mode pass `latents` to put them first."""
+        x = self.wte(input_ids)
+        if latents is not None:
+            x = jnp.concatenate([latents.astype(x.dtype), x], axis=1)
+        return x
+
+    def transform(
+        self,
+        x: jax.Array,
+        cross_kv: list[tuple[jax.Array, jax.Array]] | None,
+        *,
+        position: jax.Array | int = 0,
+        cache: list[KVCache] | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, list[KVCache] | None]:
+        """Embeddings x (B, T, n) at `position..` -> (final hidden states, updated caches).
+
+        `cross_kv` None means no cross-attention (prepend mode).
+        """
+        length = x.shape[1]
+        if cache is None and length > self.cfg.n_positions:
+            raise ValueError(
+                f"sequence of {length} positions exceeds n_positions={self.cfg.n_positions}"
+            )
+        x = x + self.wpe(position + jnp.arange(length))
+        x = dropout(x, self.cfg.embd_pdrop, rngs)
+        shared = isinstance(self.xattn, SharedCrossAttention)
+        new_cache = []
+        for layer, block in enumerate(self.h):
+            x, layer_cache = block.self_attention(
+                x, cache=None if cache is None else cache[layer], position=position, rngs=rngs
+            )
+            new_cache.append(layer_cache)
+            if cross_kv is not None and not shared:
+                x = self.xattn[layer](x, cross_kv[layer])
+            x = block.feed_forward(x, rngs=rngs)
+            if cross_kv is not None and shared:
+                x = self.xattn(x, cross_kv[0])
+        return self.ln_f(x), None if cache is None else new_cache
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states (B, T, n) -> float32 logits (B, T, vocab), tied to wte."""
+        return self.wte.attend(hidden).astype(jnp.float32)
 
     def __call__(
         self,
@@ -174,21 +274,9 @@ class GPT2Decoder(nnx.Module):
 
         In prepend mode the logits of the L latent positions are dropped.
         """
-        x = self.wte(input_ids)
-        if mode == "prepend":
-            x = jnp.concatenate([latents.astype(x.dtype), x], axis=1)
-        if x.shape[1] > self.cfg.n_positions:
-            raise ValueError(
-                f"sequence of {x.shape[1]} positions exceeds n_positions={self.cfg.n_positions}"
-            )
-        x = dropout(x + self.wpe(jnp.arange(x.shape[1])), self.cfg.embd_pdrop, rngs)
-        for layer, block in enumerate(self.h):
-            x = block.self_attention(x, rngs=rngs)
-            if mode == "inject" and self.cfg.xattn == "per_layer":
-                x = self._cross_attend(layer, x, latents)
-            x = block.feed_forward(x, rngs=rngs)
-            if mode == "inject" and self.cfg.xattn == "shared":
-                x = self._cross_attend(layer, x, latents)
-        if mode == "prepend":
-            x = x[:, latents.shape[1] :]
-        return self.wte.attend(self.ln_f(x)).astype(jnp.float32)
+        prepend = mode == "prepend"
+        x = self.embed(input_ids, latents if prepend else None)
+        hidden, _ = self.transform(x, None if prepend else self.cross_kv(latents), rngs=rngs)
+        if prepend:
+            hidden = hidden[:, latents.shape[1] :]
+        return self.lm_logits(hidden)

@@ -1,0 +1,282 @@
+"""Jit-compiled caption decoding: greedy, top-k sampling and beam search.
+
+One `lax.while_loop` per (batch size, method): the Perceiver and the cross-attention keys and
+values of the latents are computed once per image, the BOS step is prefilled, then one token
+per step runs against a preallocated KV cache. Rows stop by LensToWords' rules (EOS or token 0,
+'.' and three equal tokens for sampling) and the loop exits early when every row is done.
+Beam search keeps the beams of all images flattened into the batch axis.
+
+Output: int32 (B, max_new_tokens), the generated tokens without the BOS, EOS after each row's
+end. Sampling keys are per row, derived from (seed, row id, step), so an image's caption does
+not depend on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from lensjax.models.captioner import Captioner
+from lensjax.models.gpt2 import KVCache
+
+EOS_ID = 50256
+PERIOD_ID = 764
+Method = Literal["greedy", "topk", "beam"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Static decoding settings (a change compiles a new program).
+
+    `stop_on_repeat` None means LensToWords' choice: on for greedy and top-k, off for beam.
+    """
+
+    method: Method = "topk"
+    max_new_tokens: int = 50
+    min_new_tokens: int = 0
+    top_k: int = 20
+    beam_width: int = 5
+    stop_at_period: bool = True
+    stop_on_repeat: bool | None = None
+
+    def __post_init__(self):
+        if self.method not in ("greedy", "topk", "beam"):
+            raise ValueError(f"unknown method {self.method!r}: use greedy, topk or beam")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError("need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
+        if self.top_k < 1 or self.beam_width < 1:
+            raise ValueError("top_k and beam_width must be >= 1")
+
+    @property
+    def repeat_stop(self) -> bool:
+        return self.method != "beam" if self.stop_on_repeat is None else self.stop_on_repeat
+
+
+class _Prefix(NamedTuple):
+    cache: list[KVCache]
+    cross_kv: list[tuple[jax.Array, jax.Array]] | None
+    logits: jax.Array  # (rows, vocab) for the first generated token
+    offset: int  # position of the first generated token
+
+
+def _prefill(model: Captioner, features: jax.Array, rows_per_image: int, max_new: int) -> _Prefix:
+    """Perceiver, cross-attention K/V and the BOS step; each image repeated `rows_per_image`."""
+    latents = model.resample(features)
+    latents = jnp.repeat(latents, rows_per_image, axis=0)
+    rows = latents.shape[0]
+    bos = jnp.full((rows, 1), EOS_ID, jnp.int32)
+    gpt2 = model.gpt2
+    if model.cfg.mode == "prepend":
+        x, cross_kv = gpt2.embed(bos, latents), None
+    else:
+        x, cross_kv = gpt2.embed(bos), gpt2.cross_kv(latents)
+    cache = gpt2.init_cache(rows, x.shape[1] + max_new, x.dtype)
+    hidden, cache = gpt2.transform(x, cross_kv, position=0, cache=cache)
+    return _Prefix(cache, cross_kv, gpt2.lm_logits(hidden[:, -1]), x.shape[1])
+
+
+def _step(model: Captioner, prefix: _Prefix, cache, tokens: jax.Array, position) -> tuple:
+    """Feed one token per row (rows,) at `position` -> (logits (rows, vocab), cache)."""
+    gpt2 = model.gpt2
+    hidden, cache = gpt2.transform(gpt2.embed(tokens[:, None]), prefix.cross_kv,
+                                   position=position, cache=cache)
+    return gpt2.lm_logits(hidden[:, 0]), cache
+
+
+def _mask_stops(logits: jax.Array, step, min_new: int) -> jax.Array:
+    """Before `min_new` tokens, EOS and token 0 (both end a row) cannot be chosen."""
+    banned = jnp.zeros(logits.shape[-1], bool).at[EOS_ID].set(True).at[0].set(True)
+    return jnp.where((step < min_new) & banned, -jnp.inf, logits)
+
+
+class _SampleState(NamedTuple):
+    step: jax.Array
+    tokens: jax.Array  # (B, max_new)
+    done: jax.Array  # (B,)
+    cache: list[KVCache]
+    logits: jax.Array  # (B, vocab)
+
+
+def sample(
+    model: Captioner,
+    features: jax.Array,
+    row_keys: jax.Array,
+    temperature: jax.Array,
+    options: DecodeOptions,
+) -> jax.Array:
+    """Greedy or top-k decoding. features (B, S, D), row_keys (B,) PRNG keys -> (B, max_new)."""
+    batch, max_new = features.shape[0], options.max_new_tokens
+    prefix = _prefill(model, features, 1, max_new)
+
+    def choose(state: _SampleState) -> _SampleState:
+        step = state.step
+        logits = _mask_stops(state.logits, step, options.min_new_tokens)
+        if options.method == "greedy":
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            values, indices = lax.top_k(logits, options.top_k)
+            keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
+            choice = jax.vmap(jax.random.categorical)(keys, values / temperature)
+            token = jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+        ends = (token == EOS_ID) | (token == 0)
+        written = jnp.where(state.done | ends, EOS_ID, token)
+        tokens = lax.dynamic_update_slice(state.tokens, written[:, None], (0, step))
+        allowed = step + 1 >= options.min_new_tokens
+        stop = ends
+        if options.stop_at_period:
+            stop |= allowed & (token == PERIOD_ID)
+        if options.repeat_stop:
+            previous = lax.dynamic_slice(tokens, (0, jnp.maximum(step - 2, 0)), (batch, 3))
+            stop |= allowed & (step >= 2) & (previous[:, 0] == token) & (previous[:, 1] == token)
+        return state._replace(step=step + 1, tokens=tokens, done=state.done | stop)
+
+    def advance(state: _SampleState) -> _SampleState:
+        last = lax.dynamic_slice(state.tokens, (0, state.step - 1), (batch, 1))[:, 0]
+        logits, cache = _step(model, prefix, state.cache, last, prefix.offset + state.step - 1)
+        return choose(state._replace(cache=cache, logits=logits))
+
+    state = choose(_SampleState(
+        jnp.int32(0), jnp.full((batch, max_new), EOS_ID, jnp.int32), jnp.zeros(batch, bool),
+        prefix.cache, prefix.logits,
+    ))
+    state = lax.while_loop(
+        lambda s: (s.step < max_new) & ~jnp.all(s.done), advance, state
+    )
+    return state.tokens
+
+
+class _BeamState(NamedTuple):
+    step: jax.Array
+    tokens: jax.Array  # (B, W, max_new) live beams' tokens
+    scores: jax.Array  # (B, W) summed log-probabilities
+    cache: list[KVCache]  # rows B*W
+    logits: jax.Array  # (B*W, vocab)
+    best_tokens: jax.Array  # (B, max_new) best completed sequence (EOS-padded)
+    best_norm: jax.Array  # (B,) its normalised score, -inf if none
+
+
+def beam_search(
+    model: Captioner, features: jax.Array, alpha: jax.Array, options: DecodeOptions
+) -> jax.Array:
+    """LensToWords' beam search, batched. features (B, S, D) -> (B, max_new) best sequences.
+
+    Each live beam proposes its top-`width` tokens; all width^2 candidates are ranked by
+    summed log-probability (equal lengths within a step); in rank order, a candidate ending
+    in EOS is completed, the others fill the `width` live beams. At the end, the live beams
+    join the completed ones and the best by score / len(seq) ** alpha wins, len counting BOS.
+    """
+    batch, width, max_new = features.shape[0], options.beam_width, options.max_new_tokens
+    prefix = _prefill(model, features, width, max_new)
+    # Only beam 0 exists at first; the others start at -inf so they propose nothing.
+    scores = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
+
+    def choose(state: _BeamState) -> _BeamState:
+        step = state.step
+        logp = jax.nn.log_softmax(state.logits, axis=-1)
+        logp = _mask_stops(logp, step, options.min_new_tokens).reshape(batch, width, -1)
+        top_logp, top_tokens = lax.top_k(logp, width)  # (B, W, W)
+        candidates = (state.scores[:, :, None] + top_logp).reshape(batch, width * width)
+        ranked, order = lax.top_k(candidates, width * width)  # descending, ties by index
+        tokens = top_tokens.reshape(batch, width * width)
+        tokens = jnp.take_along_axis(tokens, order, axis=1)
+        parents = order // width
+        is_eos = tokens == EOS_ID
+        live_rank = jnp.cumsum(~is_eos, axis=1)
+        live = ~is_eos & (live_rank <= width)
+        before_last_live = jnp.cumsum(live, axis=1) - live < width
+        completed = is_eos & before_last_live & jnp.isfinite(ranked)
+
+        length = (step + 2).astype(jnp.float32)  # BOS + step tokens + the new one
+        norm = jnp.where(completed, ranked / length**alpha, -jnp.inf)
+        first = jnp.argmax(norm, axis=1)
+        new_norm = jnp.take_along_axis(norm, first[:, None], axis=1)[:, 0]
+        parent_tokens = jnp.take_along_axis(
+            state.tokens, jnp.take_along_axis(parents, first[:, None], axis=1)[:, :, None], 1
+        )[:, 0]
+        better = new_norm > state.best_norm
+        best_tokens = jnp.where(better[:, None], parent_tokens, state.best_tokens)
+        best_norm = jnp.where(better, new_norm, state.best_norm)
+
+        # The live beams, in rank order: their parent's history plus the new token.
+        slots = jnp.argsort(~live, axis=1, stable=True)[:, :width]
+        new_parents = jnp.take_along_axis(parents, slots, axis=1)
+        new_tokens = jnp.take_along_axis(tokens, slots, axis=1)
+        history = jnp.take_along_axis(state.tokens, new_parents[:, :, None], axis=1)
+        history = lax.dynamic_update_slice(history, new_tokens[:, :, None], (0, 0, step))
+        rows = (jnp.arange(batch)[:, None] * width + new_parents).reshape(-1)
+        cache = jax.tree.map(lambda c: c[rows], state.cache)
+        return _BeamState(step + 1, history, jnp.take_along_axis(ranked, slots, axis=1),
+                          cache, state.logits, best_tokens, best_norm)
+
+    def advance(state: _BeamState) -> _BeamState:
+        last = state.tokens[:, :, state.step - 1].reshape(-1)
+        logits, cache = _step(model, prefix, state.cache, last, prefix.offset + state.step - 1)
+        return choose(state._replace(cache=cache, logits=logits))
+
+    state = choose(_BeamState(
+        jnp.int32(0), jnp.full((batch, width, max_new), EOS_ID, jnp.int32), scores,
+        prefix.cache, prefix.logits, jnp.full((batch, max_new), EOS_ID, jnp.int32),
+        jnp.full((batch,), -jnp.inf),
+    ))
+    state = lax.while_loop(lambda s: s.step < max_new, advance, state)
+    live_norm = state.scores / jnp.float32(max_new + 1) ** alpha
+    top = jnp.argmax(live_norm, axis=1)
+    top_norm = jnp.take_along_axis(live_norm, top[:, None], axis=1)[:, 0]
+    top_tokens = jnp.take_along_axis(state.tokens, top[:, None, None], axis=1)[:, 0]
+    return jnp.where((top_norm > state.best_norm)[:, None], top_tokens, state.best_tokens)
+
+
+def decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    features: jax.Array,
+    row_keys: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    options: DecodeOptions,
+) -> jax.Array:
+    """Pure entry point for `jax.jit` (options static): -> int32 (B, max_new_tokens)."""
+    model = nnx.merge(graphdef, state)
+    if options.method == "beam":
+        return beam_search(model, features, alpha, options)
+    return sample(model, features, row_keys, temperature, options)
+
+
+# --- LensToWords' retry rule for top-k sampling (host side) ---------------------------------
+
+
+def english_words() -> frozenset[str]:
+    """The lower-cased web2 word list (the list behind nltk's `words` corpus), offline."""
+    from english_words import get_english_words_set
+
+    return frozenset(get_english_words_set(["web2"], lower=True))
+
+
+def is_degenerate(first_token_text: str, caption: str, words: frozenset[str]) -> bool:
+    """LensToWords resamples a caption when its first token is not an English word, a word
+    longer than 3 letters is all capitals, or a word repeats three times in a row."""
+    if first_token_text.strip().lower() not in words:
+        return True
+    tokens = caption.split()
+    if any(len(t) > 3 and t.isupper() for t in tokens):
+        return True
+    return any(tokens[i] == tokens[i + 1] == tokens[i + 2] for i in range(len(tokens) - 2))
+
+
+def bucket_sizes(batch_size: int) -> list[int]:
+    """Padded batch sizes: powers of two below `batch_size`, and `batch_size` itself."""
+    sizes = {batch_size}
+    size = 1
+    while size < batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def bucket_for(rows: int, batch_size: int) -> int:
+    return next(size for size in bucket_sizes(batch_size) if size >= rows)

@@ -67,14 +67,15 @@ class _Prefix(NamedTuple):
 def _prefill(model: Captioner, features: jax.Array, rows_per_image: int, max_new: int) -> _Prefix:
     """Perceiver, cross-attention K/V and the BOS step; each image repeated `rows_per_image`."""
     latents = model.resample(features)
-    latents = jnp.repeat(latents, rows_per_image, axis=0)
-    rows = latents.shape[0]
+    rows = latents.shape[0] * rows_per_image
     bos = jnp.full((rows, 1), EOS_ID, jnp.int32)
     gpt2 = model.gpt2
     if model.cfg.mode == "prepend":
-        x, cross_kv = gpt2.embed(bos, latents), None
-    else:
-        x, cross_kv = gpt2.embed(bos), gpt2.cross_kv(latents)
+        x, cross_kv = gpt2.embed(bos, jnp.repeat(latents, rows_per_image, axis=0)), None
+    else:  # project the latents once per image, then share them among its beams
+        cross_kv = jax.tree.map(lambda a: jnp.repeat(a, rows_per_image, axis=0),
+                                gpt2.cross_kv(latents))
+        x = gpt2.embed(bos)
     cache = gpt2.init_cache(rows, x.shape[1] + max_new, x.dtype)
     hidden, cache = gpt2.transform(x, cross_kv, position=0, cache=cache)
     return _Prefix(cache, cross_kv, gpt2.lm_logits(hidden[:, -1]), x.shape[1])

@@ -8,7 +8,9 @@ this machine's measured fp32 matmul peak.
 - seed: LensToWords' way: PyTorch, one image at a time, the whole prefix re-run each step,
   top-k 20 at temperature 0.7 (the reference model of the parity tests).
 - hf: `GPT2LMHeadModel(GPT2Config(add_cross_attention=True)).generate(encoder_hidden_states=
-  latents)`: top-k at batch 32, beam 5 at batch 8 (KV-cached, what a user would pick).
+  latents)`: top-k at batch 32, beam 5 at batch 8 (KV-cached, what a user would pick). The
+  latents come from the same PyTorch Perceiver on the same features, timed with it, so every
+  method does the same work: image features in, captions out.
 - lensjax: `CaptionModel.generate` with the same settings.
 
 Prints a table and one JSON line; `--skip-seed` / `--skip-hf` drop the slow references.
@@ -72,7 +74,8 @@ def bench_lensjax(model: CaptionModel, features: np.ndarray, tokens: int, method
             "seconds": seconds, "captions": runs * batch}
 
 
-def bench_hf(latents: torch.Tensor, tokens: int, method: str, batch: int, width: int) -> dict:
+def bench_hf(perceiver: torch.nn.Module, features: np.ndarray, tokens: int, method: str,
+             batch: int, width: int) -> dict:
     config = GPT2Config(add_cross_attention=True)
     model = GPT2LMHeadModel(config).eval()
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=EOS)
@@ -81,22 +84,23 @@ def bench_hf(latents: torch.Tensor, tokens: int, method: str, batch: int, width:
     else:
         kwargs.update(do_sample=True, top_k=20, temperature=0.7)
 
+    feats = torch.from_numpy(features)
+
     def run(rows: torch.Tensor) -> None:
         with torch.no_grad():
             model.generate(input_ids=torch.full((len(rows), 1), EOS),
-                           encoder_hidden_states=rows, **kwargs)
+                           encoder_hidden_states=perceiver(rows), **kwargs)
 
-    run(latents[:batch])  # warm-up
-    runs = max(1, len(latents) // batch)
-    seconds = sum(_timed(lambda i=i: run(latents[i * batch : (i + 1) * batch]))
+    run(feats[:batch])  # warm-up
+    runs = max(1, len(feats) // batch)
+    seconds = sum(_timed(lambda i=i: run(feats[i * batch : (i + 1) * batch]))
                   for i in range(runs))
     return {"captions_per_s": runs * batch / seconds, "seconds": seconds,
             "captions": runs * batch}
 
 
-def bench_seed(cfg: CaptionerConfig, features: np.ndarray, tokens: int) -> dict:
+def bench_seed(model: torch.nn.Module, features: np.ndarray, tokens: int) -> dict:
     """LensToWords' generate_caption: one image, the whole prefix re-run per step, top-k 20."""
-    model = reference_model(CaptionerConfig.from_preset(cfg.preset))
     feats = torch.from_numpy(features)
 
     def caption(row: torch.Tensor) -> None:
@@ -129,7 +133,7 @@ def main() -> None:
     features = rng.standard_normal((args.images, 64, 768)).astype(np.float32)
     peak = matmul_peak_gflops()
     model = CaptionModel(Captioner(cfg, rngs=nnx.Rngs(0)))
-    latents = torch.from_numpy(np.asarray(model.module.resample(features)))
+    reference = reference_model(CaptionerConfig.from_preset(cfg.preset))
     results: dict[str, dict] = {}
     for name, method, batch, width in (("topk_b32", "topk", 32, 5), ("beam5_b8", "beam", 8, 5)):
         result = bench_lensjax(model, features, args.tokens, method, batch, width)
@@ -139,9 +143,11 @@ def main() -> None:
         result["share_of_peak"] = result["gflops"] / peak
         results[f"lensjax_{name}"] = result
         if not args.skip_hf:
-            results[f"hf_{name}"] = bench_hf(latents, args.tokens, method, batch, width)
+            results[f"hf_{name}"] = bench_hf(reference.perceiver, features, args.tokens, method,
+                                             batch, width)
     if not args.skip_seed:
-        results["seed_topk_b1"] = bench_seed(cfg, features[: args.seed_images], args.tokens)
+        results["seed_topk_b1"] = bench_seed(reference, features[: args.seed_images],
+                                             args.tokens)
 
     summary = {"matmul_peak_gflops": round(peak, 1), "tokens": args.tokens,
                "device": jax.devices()[0].device_kind}

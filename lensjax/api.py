@@ -20,7 +20,7 @@ from flax import nnx
 
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint, save_checkpoint
 from lensjax.data.images import load_image
-from lensjax.data.tokenizer import EOS_ID, GPT2Tokenizer
+from lensjax.data.tokenizer import GPT2Tokenizer
 from lensjax.generate import (
     DecodeOptions,
     Method,
@@ -81,11 +81,7 @@ class CaptionModel:
         """Features (B, 64, feature_dim), ids int (B, T) -> float32 logits (B, T, vocab)."""
         features = jnp.asarray(features, jnp.float32)
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        expected = (self.config.perceiver.in_dim,)
-        if features.ndim != 3 or features.shape[-1:] != expected:
-            raise ValueError(
-                f"features must be (B, S, {expected[0]}), got {tuple(features.shape)}"
-            )
+        self._check_features(features)
         if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0]:
             raise ValueError(
                 f"input_ids must be (B, T) with B = {features.shape[0]}, got "
@@ -128,7 +124,7 @@ class CaptionModel:
         options = DecodeOptions(method, max_new_tokens, min_new_tokens, top_k, beam_width,
                                 stop_at_period, stop_on_repeat)
         features = np.asarray(features, np.float32)
-        self.logits(features[:1], np.full((1, 1), EOS_ID, np.int32))  # validates shapes
+        self._check_features(features)
         row_ids = np.array([zlib.crc32(row.tobytes()) for row in features], np.uint32)
         tokens = self._decode_batches(features, row_ids, 0, seed, temperature, alpha, options,
                                       batch_size)
@@ -200,6 +196,11 @@ class CaptionModel:
         features = self.encode_padded(images, batch_size)
         tokens = self.generate(features, method, batch_size=batch_size, **options)
         return [self.tokenizer.decode_caption(row) for row in tokens]
+
+    def _check_features(self, features: np.ndarray | jax.Array) -> None:
+        width = self.config.perceiver.in_dim
+        if features.ndim != 3 or features.shape[-1] != width:
+            raise ValueError(f"features must be (B, S, {width}), got {tuple(features.shape)}")
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write a checkpoint directory that `load_pretrained` reads back."""

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from lensjax.data.tokenizer import EOS_ID
 from lensjax.models.captioner import Captioner
 from lensjax.models.gpt2 import KVCache
 
-EOS_ID = 50256
-PERIOD_ID = 764
+PERIOD_ID = 764  # "."
 Method = Literal["greedy", "topk", "beam"]
 
 

@@ -249,18 +249,23 @@ def _check_listed_shards(paths: Sequence[PathLike]) -> tuple[list[Path], Path | 
     return shards, parents.pop() if len(parents) == 1 else None
 
 
-def _open_reader(shard: Path) -> lmdb.Environment:
+def _open_env(shard: Path, failure: str, **options: Any) -> lmdb.Environment:
+    """lmdb.open with `options`, size-checked; FeatureCacheError(`failure`) if it fails."""
     try:
-        env = lmdb.open(str(shard), readonly=True, lock=False, readahead=False,
-                        max_readers=MAX_READERS, subdir=True)
+        env = lmdb.open(str(shard), subdir=True, readahead=False, max_readers=MAX_READERS,
+                        **options)
     except lmdb.Error as error:
-        raise FeatureCacheError(f"{shard}: not a readable LMDB shard ({error})") from error
+        raise FeatureCacheError(f"{shard}: {failure} ({error})") from error
     try:
         _check_size(env, shard)
     except BaseException:
         env.close()
         raise
     return env
+
+
+def _open_reader(shard: Path) -> lmdb.Environment:
+    return _open_env(shard, "not a readable LMDB shard", readonly=True, lock=False)
 
 
 class FeatureCache:
@@ -454,18 +459,8 @@ def _check_resumable(folder: Path, shards: int, shape: tuple[int, ...]) -> bool:
 
 
 def _open_writer(shard: Path, map_size: int) -> lmdb.Environment:
-    try:
-        env = lmdb.open(str(shard), map_size=map_size, subdir=True, readahead=False,
-                        meminit=False, max_readers=MAX_READERS)
-    except lmdb.Error as error:
-        raise FeatureCacheError(f"{shard}: cannot open the LMDB shard for writing "
-                                f"({error})") from error
-    try:
-        _check_size(env, shard)
-    except BaseException:
-        env.close()
-        raise
-    return env
+    return _open_env(shard, "cannot open the LMDB shard for writing", map_size=map_size,
+                     meminit=False)
 
 
 class FeatureCacheWriter:

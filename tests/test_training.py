@@ -1,0 +1,130 @@
+"""The training step: per-component freezing and learning rates, the two losses, overfitting
+a tiny batch, and data parallelism giving the same losses on one and on two devices."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lensjax import Captioner, CaptionerConfig
+from lensjax.data.tokenizer import EOS_ID
+from lensjax.params import flat_params
+from lensjax.training import Batch, Trainer, caption_loss
+
+CFG = CaptionerConfig.from_preset("tiny", encoder=None, head=None)
+
+
+def _params(seed=0, cfg=CFG):
+    return {k: np.asarray(v) for k, v in flat_params(Captioner(cfg, rngs=nnx.Rngs(seed))).items()}
+
+
+def _batch(rows=4, length=9, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, length - 1, rows).astype(np.int32)
+    sequences = np.full((rows, length + 1), EOS_ID, np.int32)
+    for row, n in enumerate(lengths):
+        sequences[row, 1 : 1 + n] = rng.integers(0, 1000, n)
+    features = rng.standard_normal((rows, 64, CFG.feature_dim)).astype(np.float32)
+    return Batch(features, sequences[:, :-1], sequences[:, 1:], lengths)
+
+
+def test_seed_loss_ignores_every_eos_and_eos_loss_trains_the_first():
+    logits = np.zeros((1, 4, 50257), np.float32)
+    logits[0, :, 7] = 5.0
+    targets = np.array([[7, EOS_ID, EOS_ID, EOS_ID]])
+    seed = float(caption_loss(logits, targets, np.array([1]), "seed"))
+    eos = float(caption_loss(logits, targets, np.array([1]), "eos"))
+    assert seed == pytest.approx(float(caption_loss(logits[:, :1], targets[:, :1],
+                                                    np.array([1]), "seed")))
+    assert eos > seed  # the EOS target at position 1 now counts, and it is unlikely
+
+
+def test_phase_2c_changes_only_cross_attention():
+    params = _params()
+    trainer = Trainer(CFG, {"xattn": 1e-3})
+    state = trainer.init(params)
+    state, _ = trainer.step(state, _batch())
+    after = trainer.params(state)
+    for path, value in params.items():
+        if path.startswith("gpt2.xattn."):
+            assert not np.array_equal(after[path], value), path
+        else:
+            assert after[path].tobytes() == value.astype(np.float32).tobytes(), path
+    # Frozen components keep no optimizer state; Adam keeps two moments per trained value.
+    assert jax.tree.leaves(state.opt_state.inner_states["frozen"]) == []
+    xattn_size = sum(v.size for p, v in params.items() if p.startswith("gpt2.xattn."))
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * xattn_size
+
+
+def test_phase_2b_components_move_at_their_own_learning_rates():
+    cfg = CaptionerConfig.from_preset("tiny", encoder=None, head=None, mode="prepend")
+    params = _params(cfg=cfg)
+    trainer = Trainer(cfg, {"perceiver": 1e-5, "gpt2": 1e-6})
+    state, _ = trainer.step(trainer.init(params), _batch())
+    after = trainer.params(state)
+
+    def largest_change(prefix):
+        return max(float(np.abs(after[p] - params[p]).max()) for p in params
+                   if p.startswith(prefix))
+
+    # Adam's first update is lr * g / (|g| + eps): about lr wherever the gradient is not tiny
+    # (float32 rounding of values near 1 adds up to half an ulp, 6e-8).
+    perceiver, gpt2 = largest_change("perceiver."), largest_change("gpt2.h.")
+    assert 0.5e-5 < perceiver <= 1e-5 + 1e-7
+    assert 0.5e-6 < gpt2 <= 1e-6 + 1e-7
+    assert 5 < perceiver / gpt2 < 20
+    assert largest_change("gpt2.xattn.") == 0.0 and largest_change("gpt2.wte") == 0.0
+
+
+def test_unknown_component_is_refused():
+    with pytest.raises(ValueError, match="unknown component"):
+        Trainer(CFG, {"decoder": 1e-4}).init(_params())
+
+
+def test_tiny_model_overfits_a_tiny_batch():
+    trainer = Trainer(CFG, {k: 3e-3 for k in ("perceiver", "gpt2", "xattn", "lm")})
+    state = trainer.init(_params())
+    batch = _batch(rows=4, seed=1)
+    for _ in range(150):
+        state, metrics = trainer.step(state, batch)
+    assert metrics["loss"] < 0.1
+
+
+def test_one_and_two_devices_give_the_same_losses():
+    script = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import jax, json, numpy as np
+        jax.config.update("jax_default_matmul_precision", "highest")
+        from flax import nnx
+        from lensjax import Captioner, CaptionerConfig
+        from lensjax.params import flat_params
+        from lensjax.training import Trainer, data_mesh
+        from test_training import CFG, _batch
+        assert len(jax.devices()) == 2
+        params = {k: np.asarray(v) for k, v in
+                  flat_params(Captioner(CFG, rngs=nnx.Rngs(0))).items()}
+        curves = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            trainer = Trainer(CFG, {"perceiver": 1e-3, "xattn": 1e-3, "gpt2": 1e-4},
+                              mesh=data_mesh(devices))
+            state = trainer.init(params)
+            losses = []
+            for step in range(10):
+                state, metrics = trainer.step(state, _batch(rows=4, seed=step))
+                losses.append(metrics["loss"])
+            curves.append(losses)
+        print(json.dumps(curves))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(one, two, atol=1e-5, rtol=0)
+    assert one[-1] < one[0]

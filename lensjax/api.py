@@ -28,6 +28,7 @@ from lensjax.generate import (
     decode,
     english_words,
     is_degenerate,
+    pad_rows,
 )
 from lensjax.models.captioner import Captioner, CaptionerConfig
 from lensjax.params import build_captioner, flat_params
@@ -140,13 +141,10 @@ class CaptionModel:
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size]
             size = bucket_for(len(chunk), batch_size)
-            padded = np.zeros((size, *chunk.shape[1:]), np.float32)
-            padded[: len(chunk)] = chunk
-            ids = np.zeros(size, np.uint32)
-            ids[: len(chunk)] = row_ids[start : start + batch_size]
+            ids = pad_rows(row_ids[start : start + batch_size], size)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), attempt))(
                 jnp.asarray(ids))
-            tokens = self._decode(self.state, jnp.asarray(padded), keys,
+            tokens = self._decode(self.state, jnp.asarray(pad_rows(chunk, size)), keys,
                                   jnp.float32(temperature), jnp.float32(alpha), options=options)
             out[start : start + len(chunk)] = np.asarray(tokens)[: len(chunk)]
         return out
@@ -171,8 +169,7 @@ class CaptionModel:
         out = []
         for start in range(0, len(images), batch_size):
             chunk = np.asarray(images[start : start + batch_size], np.float32)
-            padded = np.zeros((bucket_for(len(chunk), batch_size), *chunk.shape[1:]), np.float32)
-            padded[: len(chunk)] = chunk
+            padded = pad_rows(chunk, bucket_for(len(chunk), batch_size))
             out.append(np.asarray(self.encode(padded))[: len(chunk)])
         return np.concatenate(out)
 

@@ -22,6 +22,7 @@ from lensjax.api import CaptionModel, load_pretrained
 from lensjax.checkpoint import CheckpointError
 from lensjax.data.cache import FeatureCache
 from lensjax.data.images import ImageError, find_images, load_images_in_background
+from lensjax.generate import pad_rows
 
 EPILOG = """\
 examples:
@@ -97,9 +98,7 @@ def extract(
 
         def flush() -> None:
             nonlocal written, since_commit
-            images = np.stack(batch_images)
-            padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-            padded[: len(images)] = images
+            padded = pad_rows(np.stack(batch_images), batch_size)
             features = np.asarray(model.encode(padded)).astype(np.float16)
             for row, key in enumerate(batch_keys):
                 writer.put(key, features[row])

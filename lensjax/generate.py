@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -281,3 +282,10 @@ def bucket_sizes(batch_size: int) -> list[int]:
 
 def bucket_for(rows: int, batch_size: int) -> int:
     return next(size for size in bucket_sizes(batch_size) if size >= rows)
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` (N, ...) zero-padded to (rows, ...), rows >= N."""
+    padded = np.zeros((rows, *array.shape[1:]), array.dtype)
+    padded[: len(array)] = array
+    return padded

@@ -130,11 +130,13 @@ class Captioner(nn.Module):
         super().__init__()
         self.cfg = cfg
         src = cfg.layout == "src"
-        self.encoder = timm.create_model(
-            "convnext_tiny", pretrained=False, features_only=True,
-            out_indices=cfg.encoder.out_indices, depths=cfg.encoder.depths, dims=cfg.encoder.dims,
-        )
-        self.head = Head(cfg, src_names=src)
+        if cfg.encoder is not None:
+            self.encoder = timm.create_model(
+                "convnext_tiny", pretrained=False, features_only=True,
+                out_indices=cfg.encoder.out_indices, depths=cfg.encoder.depths,
+                dims=cfg.encoder.dims,
+            )
+            self.head = Head(cfg, src_names=src)
         self.perceiver = (SrcPerceiver if src else NotebookPerceiver)(cfg)
         self.gpt2 = hf_gpt2(cfg)
         g = cfg.gpt2

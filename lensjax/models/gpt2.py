@@ -73,10 +73,25 @@ def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class KVCache(NamedTuple):
-    """Self-attention keys and values of one layer: each (B, max_len, H, D)."""
+    """Self-attention cache of one layer: keys (B, H, D, max_len), values (B, H, max_len, D).
+
+    Laid out so that both attention products are plain batched matmuls over (B, H): no
+    per-step transpose of the whole cache.
+    """
 
     keys: jax.Array
     values: jax.Array
+
+
+def _cached_attention(q: jax.Array, cache: KVCache, position: jax.Array | int) -> jax.Array:
+    """q (B, T, H, D) at positions `position..` attending to the cache -> (B, T, H, D)."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.einsum("bhtd,bhds->bhts", (q * scale).transpose(0, 2, 1, 3), cache.keys)
+    query_pos = position + jnp.arange(q.shape[1])
+    mask = jnp.arange(cache.keys.shape[-1])[None, :] <= query_pos[:, None]
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(cache.values.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", weights, cache.values).transpose(0, 2, 1, 3)
 
 
 class GPT2Attention(nnx.Module):
@@ -106,16 +121,15 @@ class GPT2Attention(nnx.Module):
         length = x.shape[1]
         if cache is None:
             mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            out = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_pdrop, rngs=rngs)
         else:
-            start = (0, position, 0, 0)
             cache = KVCache(
-                lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
-                lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start),
+                lax.dynamic_update_slice(cache.keys, k.transpose(0, 2, 3, 1).astype(
+                    cache.keys.dtype), (0, 0, 0, position)),
+                lax.dynamic_update_slice(cache.values, v.transpose(0, 2, 1, 3).astype(
+                    cache.values.dtype), (0, 0, position, 0)),
             )
-            k, v = cache
-            query_pos = position + jnp.arange(length)
-            mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
-        out = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_pdrop, rngs=rngs)
+            out = _cached_attention(q, cache, position)
         return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs), cache
 
 
@@ -213,8 +227,9 @@ class GPT2Decoder(nnx.Module):
         """Empty self-attention caches for `max_len` positions, one per layer."""
         if max_len > self.cfg.n_positions:
             raise ValueError(f"{max_len} positions exceed n_positions={self.cfg.n_positions}")
-        shape = (batch, max_len, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head)
-        return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        heads, head_dim = self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
+        return [KVCache(jnp.zeros((batch, heads, head_dim, max_len), dtype),
+                        jnp.zeros((batch, heads, max_len, head_dim), dtype))
                 for _ in range(self.cfg.n_layer)]
 
     def embed(self, input_ids: jax.Array, latents: jax.Array | None = None) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Every (image, caption) pair is one example, as in LensToWords' training sets. Each epoch is a
 permutation drawn from `(seed, epoch)`, so the order never depends on how far an earlier run
-got: a restart at `Position(epoch, batch)` sees exactly the batches an uninterrupted run would.
+got: a restart at (epoch, batch) sees exactly the batches an uninterrupted run would.
 With several processes (multi-host), every process walks the same global batches and takes
 its own contiguous slice of rows.
 """
@@ -18,14 +18,6 @@ import numpy as np
 
 from lensjax.data.cache import FeatureCache
 from lensjax.data.tokenizer import MAX_LEN, GPT2Tokenizer, build_sequences, shift
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-    """Where a run is: `batch` batches of `epoch` are done."""
-
-    epoch: int = 0
-    batch: int = 0
 
 
 @dataclasses.dataclass

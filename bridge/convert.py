@@ -29,13 +29,13 @@ from bridge.io import (
     StateDict,
     read_state_dict,
     resolve_weights_file,
-    temporary_sibling,
     write_safetensors,
     write_torch_file,
 )
 from bridge.tables import DESCRIPTIONS, EXPORT_TABLES, TABLES, Table
 from lensjax.api import CaptionModel
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
+from lensjax.files import temporary_sibling
 from lensjax.models.captioner import PRESETS, CaptionerConfig
 from lensjax.models.convnext import MultiScaleHead
 from lensjax.params import abstract_params, check_params, flat_params

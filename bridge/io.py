@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import struct
-import uuid
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,8 +163,3 @@ def write_torch_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """`torch.save` of {key: tensor}, loadable with `load_state_dict(strict=True)`."""
     torch = _torch()
     torch.save({key: numpy_to_tensor(value) for key, value in tensors.items()}, path)
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A hidden, unique path next to `path`, for write-then-rename."""
-    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lensjax.api import CaptionModel, load_pretrained
 from lensjax.checkpoint import CheckpointError
 from lensjax.data.images import ImageError, find_images, load_images_in_background
+from lensjax.files import temporary_sibling
 from lensjax.models.captioner import MissingComponentError
 
 DEFAULT_WEIGHTS = Path("weights/v3b")
@@ -95,7 +96,7 @@ class CaptionWriter:
         self.out = out
         if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
             raise ValueError(f"{out}: the output must end in .jsonl or .csv")
-        self.tmp = None if out is None else out.parent / f".{out.name}.tmp-{os.getpid()}"
+        self.tmp = None if out is None else temporary_sibling(out)
         self.handle: TextIO = sys.stdout if out is None else open(  # noqa: SIM115
             self.tmp, "w", encoding="utf-8", newline="")
         self.csv = csv.writer(self.handle) if out is not None and out.suffix == ".csv" else None

@@ -16,12 +16,13 @@ import datetime
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lensjax.files import temporary_sibling
 
 FORMAT = "lensjax-checkpoint"
 VERSION = 1
@@ -85,7 +86,7 @@ def save_checkpoint(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--force) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     try:
         tmp.mkdir()
         checkpointer = _orbax().StandardCheckpointer()
@@ -95,7 +96,7 @@ def save_checkpoint(
         document.setdefault("saved", datetime.datetime.now(datetime.UTC).isoformat())
         _write_json(tmp / METADATA_FILE, document)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = temporary_sibling(path, "old")
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old)

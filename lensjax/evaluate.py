@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from lensjax.data.captions import read_utf8_text
+
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
 
@@ -111,16 +113,6 @@ def coco_metrics(
 # --- reading predictions and references ----------------------------------------------------
 
 
-def _decode_lines(path: Path) -> list[str]:
-    lines = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise EvaluationError(f"{path}:{number}: not UTF-8 text ({error.reason})") from None
-    return lines
-
-
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     """captions.jsonl (`{"image", "caption"}`) or .csv (`image,caption`) -> {file name: text}.
 
@@ -129,7 +121,7 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such predictions file")
-    lines = _decode_lines(path)
+    lines = read_utf8_text(path).splitlines()
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(lines))
         if rows and not {"image", "caption"} <= set(rows[0]):

@@ -64,14 +64,20 @@ def check_params(cfg: CaptionerConfig, params: Mapping[str, np.ndarray]) -> None
         )
 
 
+def module_from_flat(cfg: CaptionerConfig, params: Mapping[str, jax.Array]) -> Captioner:
+    """A `Captioner(cfg)` holding `params` as given: no checks, casts or copies, so it also
+    works on traced arrays inside `jax.jit`."""
+    graphdef, template = _abstract_captioner(cfg)
+    state = nnx.from_flat_state([
+        (path, variable.replace(params[path_str(path)]))
+        for path, variable in nnx.to_flat_state(template)
+    ])
+    return nnx.merge(graphdef, state)
+
+
 def build_captioner(
     cfg: CaptionerConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
 ) -> Captioner:
     """A `Captioner(cfg)` holding `params` (cast to `dtype`); every path must be present."""
     check_params(cfg, params)
-    graphdef, abstract_state = _abstract_captioner(cfg)
-    state = jax.tree.map(lambda leaf: leaf, abstract_state)  # the cached state stays abstract
-    for path, variable in nnx.to_flat_state(state):
-        if isinstance(variable, nnx.Param):
-            variable.set_raw_value(jnp.asarray(params[path_str(path)], dtype))
-    return nnx.merge(graphdef, state)
+    return module_from_flat(cfg, {p: jnp.asarray(v, dtype) for p, v in params.items()})

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lensjax.data.tokenizer import EOS_ID
 from lensjax.models.captioner import CaptionerConfig
 from lensjax.optim import build_optimizer, labels_for, split_trainable
-from lensjax.params import _abstract_captioner, path_str
+from lensjax.params import module_from_flat
 
 LossMode = Literal["seed", "eos"]
 
@@ -83,9 +83,6 @@ class Trainer:
         self.cfg = cfg
         self.learning_rates = dict(learning_rates)
         self.mesh = mesh or data_mesh()
-        graphdef, template = _abstract_captioner(cfg)
-        self._flat_template = list(nnx.to_flat_state(template))
-        self._graphdef = graphdef
         self._loss = loss
         self._labels: dict[str, str] | None = None
         self.optimizer: optax.GradientTransformation | None = None
@@ -98,12 +95,6 @@ class Trainer:
     @property
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec("data"))
-
-    def _model(self, params: Mapping[str, jax.Array]):
-        state = nnx.from_flat_state(
-            [(path, var.replace(params[path_str(path)])) for path, var in self._flat_template]
-        )
-        return nnx.merge(self._graphdef, state)
 
     def init(self, params: Mapping[str, Any], seed: int = 0) -> TrainState:
         """Initial state from {path: array} params (every path of the configuration)."""
@@ -121,7 +112,7 @@ class Trainer:
         optimizer, loss_mode = self.optimizer, self._loss
 
         def loss_fn(trainable, frozen, batch: Batch, key):
-            model = self._model({**trainable, **frozen})
+            model = module_from_flat(self.cfg, {**trainable, **frozen})
             logits = model(batch.features.astype(jnp.float32), batch.inputs,
                            rngs=nnx.Rngs(dropout=key))
             return caption_loss(logits, batch.targets, batch.lengths, loss_mode)

@@ -46,7 +46,6 @@ import math
 import os
 import re
 import threading
-import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -55,6 +54,8 @@ from typing import Any
 
 import lmdb
 import numpy as np
+
+from lensjax.files import temporary_sibling
 
 PathLike = str | os.PathLike
 
@@ -138,7 +139,7 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
 def _write_metadata(folder: Path, shape: tuple[int, ...], shards: int) -> None:
     """Write `lensjax_cache.json` atomically: a temporary file, fsynced, renamed into place."""
     document = {"format": FORMAT, "shape": list(shape), "dtype": "float16", "shards": shards}
-    tmp = folder / f".{METADATA_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(folder / METADATA_FILE)
     try:
         with open(tmp, "w") as handle:
             json.dump(document, handle, indent=2)

@@ -139,7 +139,7 @@ def load_flickr30k(path: PathLike) -> dict[str, list[str]]:
     be. Kaggle's other layout, a CSV with header `image,caption`, is read too.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_utf8_text(path)
     lines = _lines(text)
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
@@ -315,7 +315,7 @@ def load_instagram(paths: PathLike | Iterable[PathLike]) -> dict[str, list[str]]
 
 
 def _instagram_rows(path: Path) -> Iterable[tuple[str, str]]:
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
     rows = ((reader.line_num, row) for row in reader if any(cell.strip() for cell in row))
     first = next(rows, None)
     if first is None:
@@ -449,7 +449,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
+def read_utf8_text(path: Path) -> str:
     """UTF-8 text (a BOM is dropped); ValueError naming the line of the first bad byte."""
     data = _existing(path).read_bytes()
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
@@ -464,7 +464,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    text = _read_text(path)
+    text = read_utf8_text(path)
     if not text.strip():
         raise ValueError(f"{path}: empty caption file")
     try:
@@ -512,7 +512,7 @@ def _detect_format(path: PathLike | Sequence[PathLike]) -> tuple[str, Any]:
             f"{path}: JSON that is neither COCO ('images' + 'annotations') "
             "nor Karpathy ('images[].sentences')"
         )
-    text = _read_text(path)
+    text = read_utf8_text(path)
     header = next((line for line in _lines(text) if line.strip()), "")
     if tuple(c.strip() for c in header.split("|")) == FLICKR_HEADER:
         return "flickr30k", None

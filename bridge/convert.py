@@ -267,6 +267,22 @@ def import_params(
     return cfg, params, components
 
 
+def import_gpt2(path: str | os.PathLike, cfg: CaptionerConfig) -> dict[str, np.ndarray]:
+    """The public pretrained GPT-2 (an HF `gpt2` folder or weights file) -> {path: array} of
+    `cfg`'s `gpt2.wte/wpe/ln_f/h.*` parameters (the language model without cross-attention).
+    """
+    resolved = resolve_weights_file(path)
+    tensors = read_state_dict(resolved)
+    source = Source("gpt2", resolved, tensors, detect_table("gpt2", resolved, tensors))
+    expected = {p: v for p, v in abstract_params(cfg).items()
+                if p.startswith("gpt2.") and not p.startswith("gpt2.xattn.")}
+    params, problems = torch_to_flax(source, expected)
+    if problems:
+        raise BridgeError(f"{len(problems)} problem(s) reading GPT-2 for preset "
+                          f"{cfg.preset!r}:\n  " + "\n  ".join(problems))
+    return params
+
+
 def import_model(**kwargs: Any) -> CaptionModel:
     """`import_params` -> a ready CaptionModel (same keyword arguments)."""
     cfg, params, components = import_params(**kwargs)

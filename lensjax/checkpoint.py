@@ -64,10 +64,18 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=True))
 
 
-def _orbax():
+def _checkpointer():
+    """An Orbax checkpointer that works within the calling process alone.
+
+    Checkpoints hold host (numpy) arrays, and in a multi-host run only process 0 writes them,
+    so Orbax must not wait at barriers for the other processes.
+    """
+    import jax
     import orbax.checkpoint as ocp  # imported lazily: it is slow to import
 
-    return ocp
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
 
 
 def save_checkpoint(
@@ -76,11 +84,14 @@ def save_checkpoint(
     metadata: Mapping[str, Any],
     *,
     overwrite: bool = False,
+    extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write `params` ({dotted path: array}) and `metadata` to the directory `path`.
 
-    Refuses an existing `path` unless `overwrite`; then the old checkpoint is replaced only
-    after the new one is completely written.
+    `extra` holds further named trees ({name: {key: array}}), each in its own Orbax
+    sub-directory (training state, for instance); `load_extra` reads one back. Refuses an
+    existing `path` unless `overwrite`; then the old checkpoint is replaced only after the
+    new one is completely written.
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
@@ -89,8 +100,10 @@ def save_checkpoint(
     tmp = temporary_sibling(path)
     try:
         tmp.mkdir()
-        checkpointer = _orbax().StandardCheckpointer()
+        checkpointer = _checkpointer()
         checkpointer.save(tmp / PARAMS_DIR, _nest(params))
+        for name, tree in (extra or {}).items():
+            checkpointer.save(tmp / name, {k: np.asarray(v) for k, v in tree.items()})
         checkpointer.wait_until_finished()
         document = {"format": FORMAT, "version": VERSION, **metadata}
         document.setdefault("saved", datetime.datetime.now(datetime.UTC).isoformat())
@@ -142,7 +155,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory: incomplete checkpoint")
     try:
-        tree = _orbax().StandardCheckpointer().restore(params_dir)
+        tree = _checkpointer().restore(params_dir)
     except Exception as error:  # orbax raises many types for damaged data
         raise CheckpointError(f"cannot read the parameters in {params_dir}: {error}") from error
     return _flatten(tree), metadata
+
+
+def load_extra(path: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
+    """The tree `name` that `save_checkpoint(..., extra={name: ...})` wrote into `path`."""
+    tree_dir = Path(path).absolute() / name
+    if not tree_dir.is_dir():
+        raise CheckpointError(f"{path} has no {name}/ directory")
+    try:
+        return dict(_checkpointer().restore(tree_dir))
+    except Exception as error:  # orbax raises many types for damaged data
+        raise CheckpointError(f"cannot read {tree_dir}: {error}") from error

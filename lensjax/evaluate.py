@@ -110,6 +110,33 @@ def coco_metrics(
     return scores
 
 
+def corpus_bleu4(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+                 ) -> tuple[float, str]:
+    """The COCO-standard corpus BLEU-4 (pycocoevalcap's scorer) -> (value, tokenizer used).
+
+    With Java, text goes through the PTB tokenizer as in `coco_metrics` ("ptb"); without it,
+    through LensToWords' tokenization (lower case, punctuation removed; "simple"), which the
+    PTB tokenizer matches on plain captions.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    keys = [k for k in predictions if k in references]
+    if not keys:
+        raise EvaluationError("no prediction has references: nothing to score")
+    if shutil.which("java") is not None:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenizer, name = PTBTokenizer(), "ptb"
+        gts = tokenizer.tokenize({k: [{"caption": r} for r in references[k]] for k in keys})
+        res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in keys})
+    else:
+        name = "simple"
+        gts = {k: [" ".join(seed_tokens(r)) for r in references[k]] for k in keys}
+        res = {k: [" ".join(seed_tokens(predictions[k]))] for k in keys}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(bleu[3]), name
+
+
 # --- reading predictions and references ----------------------------------------------------
 
 

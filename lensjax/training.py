@@ -51,7 +51,7 @@ class TrainState(NamedTuple):
     trainable: dict[str, jax.Array]
     frozen: dict[str, jax.Array]
     opt_state: Any
-    key: jax.Array
+    key: jax.Array  # raw uint32 key data (jax.random.key_data), so hosts can share it
 
 
 class Batch(NamedTuple):
@@ -79,14 +79,21 @@ class Trainer:
         *,
         loss: LossMode = "eos",
         mesh: Mesh | None = None,
+        remat: bool = False,
+        dtype: jnp.dtype = jnp.float32,
     ):
+        """`remat`: gradient checkpointing of the GPT-2 blocks. `dtype` bfloat16: compute in
+        bfloat16 (mixed precision); parameters and optimizer state stay float32."""
         self.cfg = cfg
         self.learning_rates = dict(learning_rates)
         self.mesh = mesh or data_mesh()
+        self.remat = remat
+        self.dtype = jnp.dtype(dtype)
         self._loss = loss
         self._labels: dict[str, str] | None = None
         self.optimizer: optax.GradientTransformation | None = None
         self._step: Callable | None = None
+        self._eval: Callable | None = None
 
     @property
     def replicated(self) -> NamedSharding:
@@ -101,24 +108,63 @@ class Trainer:
         self._labels = labels_for(params, self.learning_rates)
         self.optimizer = build_optimizer(self._labels, self.learning_rates)
         trainable, frozen = split_trainable(
-            {p: jnp.asarray(v, jnp.float32) for p, v in params.items()}, self._labels)
+            {p: np.asarray(v, np.float32) for p, v in params.items()}, self._labels)
         opt_state = self.optimizer.init({**trainable, **frozen})
-        state = TrainState(jnp.int32(0), trainable, frozen, opt_state,
-                           jax.random.key(seed))
-        self._step = self._build_step()
-        return jax.device_put(state, self.replicated)
+        state = TrainState(np.int32(0), trainable, frozen, opt_state,
+                           jax.random.key_data(jax.random.key(seed)))
+        self._step, self._eval = self._build_step(), self._build_eval()
+        return self._replicate(state)
+
+    def _replicate(self, tree):
+        """Host values, identical in every process -> arrays replicated over the mesh (also
+        across processes, where `jax.device_put` cannot reach other hosts' devices)."""
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def restore(self, params: Mapping[str, Any], opt_leaves: list[np.ndarray],
+                key_data: np.ndarray, step: int) -> TrainState:
+        """The state `host_state` saved: params, optimizer state leaves, RNG key, step."""
+        state = self.init(params)
+        treedef = jax.tree.structure(state.opt_state)
+        if treedef.num_leaves != len(opt_leaves):
+            raise ValueError(f"the saved optimizer state has {len(opt_leaves)} arrays, this "
+                             f"phase's optimizer {treedef.num_leaves}: a different phase?")
+        opt_state = jax.tree.unflatten(treedef, list(opt_leaves))
+        return self._replicate(state._replace(step=np.int32(step), opt_state=opt_state,
+                                              key=np.asarray(key_data)))
+
+    @staticmethod
+    def host_state(state: TrainState) -> tuple[list[np.ndarray], np.ndarray, int]:
+        """(optimizer state leaves, RNG key data, step) as host values, for a checkpoint."""
+        return ([np.asarray(x) for x in jax.tree.leaves(state.opt_state)],
+                np.asarray(state.key), int(state.step))
+
+    def _loss_fn(self, trainable, frozen, batch: Batch, key: jax.Array | None) -> jax.Array:
+        params = {**trainable, **frozen}
+        features = batch.features
+        if self.dtype != jnp.float32:  # mixed precision: float32 masters, low-precision math
+            params = {p: v.astype(self.dtype) for p, v in params.items()}
+        model = module_from_flat(self.cfg, params)
+        logits = model(features.astype(self.dtype), batch.inputs,
+                       rngs=None if key is None else nnx.Rngs(dropout=key),
+                       remat=self.remat and key is not None)
+        return caption_loss(logits, batch.targets, batch.lengths, self._loss)
+
+    def _build_eval(self) -> Callable:
+        def evaluate(state: TrainState, batch: Batch) -> jax.Array:
+            return self._loss_fn(state.trainable, state.frozen, batch, None)
+
+        return jax.jit(evaluate, in_shardings=(self.replicated, self.batch_sharding),
+                       out_shardings=self.replicated)
 
     def _build_step(self) -> Callable:
-        optimizer, loss_mode = self.optimizer, self._loss
-
-        def loss_fn(trainable, frozen, batch: Batch, key):
-            model = module_from_flat(self.cfg, {**trainable, **frozen})
-            logits = model(batch.features.astype(jnp.float32), batch.inputs,
-                           rngs=nnx.Rngs(dropout=key))
-            return caption_loss(logits, batch.targets, batch.lengths, loss_mode)
+        optimizer, loss_fn = self.optimizer, self._loss_fn
 
         def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-            key = jax.random.fold_in(state.key, state.step)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
             loss, grads = jax.value_and_grad(loss_fn)(state.trainable, state.frozen, batch, key)
             # Frozen components get set_to_zero updates, which nothing reads: XLA drops them.
             full_grads = {**grads, **jax.tree.map(jnp.zeros_like, state.frozen)}
@@ -135,8 +181,10 @@ class Trainer:
                        out_shardings=(self.replicated, self.replicated))
 
     def shard_batch(self, batch: Batch) -> Batch:
-        """Host arrays of the global batch -> arrays sharded on the data axis."""
-        return jax.device_put(Batch(*(np.asarray(x) for x in batch)), self.batch_sharding)
+        """This process's rows of the global batch (all rows with one process) -> global
+        arrays sharded on the data axis."""
+        return Batch(*(jax.make_array_from_process_local_data(self.batch_sharding,
+                                                              np.asarray(x)) for x in batch))
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, float]]:
         """One optimisation step on a global batch -> (new state, {"loss", "grad_norm"})."""
@@ -144,6 +192,12 @@ class Trainer:
             raise RuntimeError("call Trainer.init(params) first")
         state, metrics = self._step(state, self.shard_batch(batch))
         return state, {k: float(v) for k, v in metrics.items()}
+
+    def eval_loss(self, state: TrainState, batch: Batch) -> float:
+        """The loss of a global batch without dropout and without updating anything."""
+        if self._eval is None:
+            raise RuntimeError("call Trainer.init(params) first")
+        return float(self._eval(state, self.shard_batch(batch)))
 
     @staticmethod
     def params(state: TrainState) -> dict[str, np.ndarray]:

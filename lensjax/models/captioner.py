@@ -41,7 +41,7 @@ class CaptionerConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> CaptionerConfig:
         """Named presets: `v3b` (the released model), `v3b-src` (src/model.py form),
-        `tiny`, `tiny-src` (small shapes for tests and the demo)."""
+        `tiny`, `tiny-src` (small shapes for tests), `demo` (`make demo`'s model)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -102,6 +102,8 @@ PRESETS: dict[str, CaptionerConfig] = {
     "v3b-src": CaptionerConfig(PerceiverConfig.src(), GPT2Config.src(), preset="v3b-src"),
     "tiny": _tiny("notebook"),
     "tiny-src": _tiny("src"),
+    # make demo's model: the tiny shapes, trained on the synthetic set.
+    "demo": dataclasses.replace(_tiny("notebook"), preset="demo"),
 }
 
 
@@ -135,11 +137,13 @@ class Captioner(nnx.Module):
         return self.perceiver(features, rngs=rngs)
 
     def __call__(
-        self, features: jax.Array, input_ids: jax.Array, *, rngs: nnx.Rngs | None = None
+        self, features: jax.Array, input_ids: jax.Array, *, rngs: nnx.Rngs | None = None,
+        remat: bool = False,
     ) -> jax.Array:
         """Features (B, S, feature_dim), ids (B, T) -> logits float32 (B, T, vocab).
 
-        Runs in the config's mode (inject or prepend). Passing `rngs` turns dropout on.
+        Runs in the config's mode (inject or prepend). Passing `rngs` turns dropout on;
+        `remat` turns on gradient checkpointing of the GPT-2 blocks.
         """
         latents = self.resample(features, rngs=rngs)
-        return self.gpt2(input_ids, latents, mode=self.cfg.mode, rngs=rngs)
+        return self.gpt2(input_ids, latents, mode=self.cfg.mode, rngs=rngs, remat=remat)

@@ -247,10 +247,13 @@ class GPT2Decoder(nnx.Module):
         position: jax.Array | int = 0,
         cache: list[KVCache] | None = None,
         rngs: nnx.Rngs | None = None,
+        remat: bool = False,
     ) -> tuple[jax.Array, list[KVCache] | None]:
         """Embeddings x (B, T, n) at `position..` -> (final hidden states, updated caches).
 
-        `cross_kv` None means no cross-attention (prepend mode).
+        `cross_kv` None means no cross-attention (prepend mode). `remat` recomputes each
+        block in the backward pass instead of storing its activations (training only; not
+        with a cache).
         """
         length = x.shape[1]
         if cache is None and length > self.cfg.n_positions:
@@ -259,19 +262,51 @@ class GPT2Decoder(nnx.Module):
             )
         x = x + self.wpe(position + jnp.arange(length))
         x = dropout(x, self.cfg.embd_pdrop, rngs)
-        shared = isinstance(self.xattn, SharedCrossAttention)
         new_cache = []
-        for layer, block in enumerate(self.h):
-            x, layer_cache = block.self_attention(
-                x, cache=None if cache is None else cache[layer], position=position, rngs=rngs
-            )
+        for layer in range(self.cfg.n_layer):
+            # One dropout key per layer, drawn here, so that recomputation under remat draws
+            # exactly the masks the forward pass drew.
+            key = None if rngs is None else rngs.dropout()
+            kv = None if cross_kv is None else cross_kv[0 if len(cross_kv) == 1 else layer]
+            if remat and cache is None:
+                x = self._remat_layer(layer, x, kv, key)
+                continue
+            x, layer_cache = self._layer(layer, x, kv, key, None if cache is None
+                                         else cache[layer], position)
             new_cache.append(layer_cache)
-            if cross_kv is not None and not shared:
-                x = self.xattn[layer](x, cross_kv[layer])
-            x = block.feed_forward(x, rngs=rngs)
-            if cross_kv is not None and shared:
-                x = self.xattn(x, cross_kv[0])
         return self.ln_f(x), None if cache is None else new_cache
+
+    def _layer(
+        self,
+        layer: int,
+        x: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        key: jax.Array | None,
+        cache: KVCache | None = None,
+        position: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Block `layer` with its cross-attention: x (B, T, n) -> (B, T, n), its cache."""
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        block, shared = self.h[layer], isinstance(self.xattn, SharedCrossAttention)
+        x, cache = block.self_attention(x, cache=cache, position=position, rngs=rngs)
+        if kv is not None and not shared:
+            x = self.xattn[layer](x, kv)
+        x = block.feed_forward(x, rngs=rngs)
+        if kv is not None and shared:
+            x = self.xattn(x, kv)
+        return x, cache
+
+    def _remat_layer(self, layer: int, x: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+                     key: jax.Array | None) -> jax.Array:
+        """`_layer` under `jax.checkpoint`: only its input is kept for the backward pass, and
+        the block is recomputed there (gradient checkpointing)."""
+        graphdef, state = nnx.split(self)
+
+        @jax.checkpoint
+        def run(state: nnx.State, x: jax.Array, kv, key) -> jax.Array:
+            return nnx.merge(graphdef, state)._layer(layer, x, kv, key)[0]
+
+        return run(state, x, kv, key)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states (B, T, n) -> float32 logits (B, T, vocab), tied to wte."""
@@ -284,14 +319,17 @@ class GPT2Decoder(nnx.Module):
         *,
         mode: Mode = "inject",
         rngs: nnx.Rngs | None = None,
+        remat: bool = False,
     ) -> jax.Array:
         """input_ids (B, T) int, latents (B, L, n) -> logits float32 (B, T, vocab).
 
-        In prepend mode the logits of the L latent positions are dropped.
+        In prepend mode the logits of the L latent positions are dropped. `remat`: gradient
+        checkpointing of every block (see `transform`).
         """
         prepend = mode == "prepend"
         x = self.embed(input_ids, latents if prepend else None)
-        hidden, _ = self.transform(x, None if prepend else self.cross_kv(latents), rngs=rngs)
+        hidden, _ = self.transform(x, None if prepend else self.cross_kv(latents), rngs=rngs,
+                                   remat=remat)
         if prepend:
             hidden = hidden[:, latents.shape[1] :]
         return self.lm_logits(hidden)

@@ -1,0 +1,134 @@
+"""LensToWords' training curriculum as data: one `Phase` per row of the original's phase table,
+plus three small `demo-*` phases for the built-in synthetic set.
+
+A phase fixes the architecture mode (prepend or inject), which components train and at which
+learning rate (Adam, no schedule), the epoch budget and early-stopping patience, the batch
+size, the data it was run on and where each component's initial weights come from:
+
+- `fresh`: a new random initialisation;
+- `gpt2`: the public pretrained GPT-2 (an HF `gpt2` folder, or any lensjax checkpoint's
+  GPT-2), given as `--init gpt2=PATH`;
+- a phase name: that phase's output checkpoint.
+
+Where the original's README and notebooks disagree on a learning rate (phases 2a and 2c), the
+README's value is `learning_rates` and the notebook's is `notebook_learning_rates`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from lensjax.models.gpt2 import Mode
+
+# Initial-weight groups, and the optimizer labels (lensjax.optim) each one covers.
+INIT_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "encoder": ("encoder", "encoder_head"),
+    "perceiver": ("perceiver",),
+    "gpt2": ("gpt2", "lm"),
+    "xattn": ("xattn",),
+})
+FRESH, PRETRAINED_GPT2 = "fresh", "gpt2"
+# Data set names a phase can name, and what each means.
+DATASETS: Mapping[str, str] = MappingProxyType({
+    "flickr30k": "Flickr30k captions.txt, LensToWords' 90/10 split (random.seed(42))",
+    "coco-50k": "COCO 2017 train, a seeded 50,000-image subset; validation on val2017",
+    "coco": "COCO 2017 train (118,287 images); validation on val2017",
+    "instagram": "CLIP-filtered Instagram CSVs, 90/10 split (random.seed(42))",
+    "mix": "COCO 2017 train + Instagram train, concatenated",
+    "synthetic": "the built-in synthetic shapes set (python -m lensjax.data.synthetic)",
+})
+ALL_DECODER = ("perceiver", "gpt2", "lm", "xattn")
+
+
+def _rates(value: float, labels: tuple[str, ...] = ALL_DECODER) -> Mapping[str, float]:
+    return MappingProxyType(dict.fromkeys(labels, value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training phase. `learning_rates` maps optimizer labels to Adam learning rates; labels
+    not named are frozen. `init` maps each `INIT_GROUPS` group to its source."""
+
+    name: str
+    summary: str
+    mode: Mode
+    learning_rates: Mapping[str, float]
+    init: Mapping[str, str]
+    dataset: str
+    epochs: int = 25
+    patience: int = 5
+    batch_size: int = 32
+    notebook_learning_rates: Mapping[str, float] | None = None
+    preset: str = "v3b"
+    max_len: int = 64
+    subset: int | None = None
+
+    def sources(self) -> set[str]:
+        """The phases (and `gpt2`) whose weights this phase starts from."""
+        return {s for s in self.init.values() if s != FRESH}
+
+
+def _phase(name: str, summary: str, mode: Mode, rates: Mapping[str, float], init: dict,
+           dataset: str, **extra) -> Phase:
+    return Phase(name, summary, mode, rates, MappingProxyType(init), dataset, **extra)
+
+
+def _all_from(phase: str) -> dict[str, str]:
+    return dict.fromkeys(("perceiver", "gpt2", "xattn"), phase)
+
+
+PHASES: Mapping[str, Phase] = MappingProxyType({p.name: p for p in (
+    _phase("2a", "prepend warm-up: train the Perceiver under a frozen pretrained GPT-2",
+           "prepend", _rates(1e-4, ("perceiver",)),
+           {"perceiver": FRESH, "gpt2": PRETRAINED_GPT2, "xattn": FRESH}, "flickr30k",
+           notebook_learning_rates=_rates(1e-5, ("perceiver",))),
+    _phase("2b", "prepend: Perceiver and GPT-2 together", "prepend",
+           MappingProxyType({"perceiver": 1e-5, "gpt2": 1e-6, "lm": 1e-6}),
+           _all_from("2a"), "flickr30k"),
+    _phase("2c", "injection warm-up: train only the cross-attention blocks", "inject",
+           _rates(1e-4, ("xattn",)),
+           {"perceiver": "2a", "gpt2": PRETRAINED_GPT2, "xattn": FRESH}, "flickr30k",
+           notebook_learning_rates=_rates(1e-5, ("xattn",))),
+    _phase("2d", "injection: everything except the image encoder (the released v3b)",
+           "inject", _rates(1e-5), {"perceiver": "2b", "gpt2": "2b", "xattn": "2c"},
+           "flickr30k"),
+    _phase("3a", "COCO 2017, 50k-image subset", "inject", _rates(5e-6), _all_from("2d"),
+           "coco-50k", batch_size=32, subset=50_000),
+    _phase("3a-ext", "COCO 2017 train, all 118,287 images (the released v3c)", "inject",
+           _rates(5e-6), _all_from("3a"), "coco"),
+    _phase("3b", "CLIP-filtered Instagram", "inject", _rates(1e-5), _all_from("3a-ext"),
+           "instagram", epochs=5),
+    _phase("recovery", "COCO train + Instagram train, concatenated (recovery 1)", "inject",
+           _rates(1e-5), _all_from("3a-ext"), "mix", batch_size=64),
+    _phase("3c", "the same mix at a lower learning rate", "inject", _rates(5e-6),
+           _all_from("recovery"), "mix", batch_size=64),
+    # The seed's curriculum at small scale on the synthetic set (make demo). Offline there is
+    # no pretrained GPT-2, so the prepend warm-up trains the language model as well.
+    _phase("demo-prepend", "demo: prepend warm-up, Perceiver + GPT-2 from scratch", "prepend",
+           _rates(3e-3, ("perceiver", "gpt2", "lm")),
+           {"perceiver": FRESH, "gpt2": FRESH, "xattn": FRESH}, "synthetic",
+           epochs=1, patience=2, batch_size=64, preset="demo", max_len=32),
+    _phase("demo-inject", "demo: injection warm-up, cross-attention only", "inject",
+           _rates(3e-3, ("xattn",)), _all_from("demo-prepend"), "synthetic",
+           epochs=1, patience=2, batch_size=64, preset="demo", max_len=32),
+    _phase("demo-all", "demo: injection, every decoder component", "inject", _rates(1e-3),
+           _all_from("demo-inject"), "synthetic",
+           epochs=3, patience=2, batch_size=64, preset="demo", max_len=32),
+)})
+
+
+def phase_table() -> str:
+    """The phase table as plain text, for `--help`."""
+    rows = []
+    for p in PHASES.values():
+        rates = ", ".join(f"{k} {v:g}" for k, v in p.learning_rates.items())
+        if p.notebook_learning_rates:
+            rates += " (notebook: " + ", ".join(
+                f"{k} {v:g}" for k, v in p.notebook_learning_rates.items()) + ")"
+        init = ", ".join(f"{g}<-{s}" for g, s in p.init.items())
+        rows.append(f"  {p.name:<12} {p.mode:<7} {p.dataset:<9} epochs {p.epochs}, patience "
+                    f"{p.patience}, batch {p.batch_size}\n"
+                    f"  {'':<12} trains: {rates}\n  {'':<12} init: {init}")
+    return "\n".join(rows)

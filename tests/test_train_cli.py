@@ -1,0 +1,252 @@
+"""python -m lensjax.train: the phase chain, resume after kill -9, checkpoints that load and
+export, and the refusals (bad phase, missing or mismatched init, occupied --out, NaN loss,
+missing features)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lensjax import Captioner, CaptionerConfig, CaptionModel, load_pretrained
+from lensjax.data.cache import FeatureCache
+from lensjax.data.synthetic import generate
+from lensjax.phases import PHASES
+from lensjax.train import main
+
+ROOT = Path(__file__).parent.parent
+DEMO = CaptionerConfig.from_preset("demo")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 synthetic images' captions with random (64, 48) features in a cache."""
+    root = tmp_path_factory.mktemp("train_data")
+    captions = generate(root / "shapes", images=40, seed=0, progress=False)
+    rng = np.random.default_rng(0)
+    with FeatureCache.create(root / "features", 2, shape=(64, DEMO.feature_dim)) as writer:
+        for name in sorted(os.listdir(root / "shapes" / "images")):
+            writer.put(name, rng.standard_normal((64, DEMO.feature_dim)).astype(np.float16))
+    return {"captions": captions, "features": root / "features", "root": root}
+
+
+def _args(data, phase, out, *extra):
+    return ["--phase", phase, "--data", str(data["captions"]), "--features",
+            str(data["features"]), "--out", str(out), "--batch-size", "8", "--max-len", "16",
+            "--quiet", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r}
+
+
+def test_phase_table_has_every_phase_of_the_original_and_the_demo():
+    assert list(PHASES) == ["2a", "2b", "2c", "2d", "3a", "3a-ext", "3b", "recovery", "3c",
+                            "demo-prepend", "demo-inject", "demo-all"]
+    assert PHASES["2a"].learning_rates == {"perceiver": 1e-4}  # the README's value
+    assert PHASES["2a"].notebook_learning_rates == {"perceiver": 1e-5}
+    assert PHASES["2c"].learning_rates == {"xattn": 1e-4}
+    assert PHASES["2d"].init == {"perceiver": "2b", "gpt2": "2b", "xattn": "2c"}
+    assert (PHASES["2b"].mode, PHASES["2d"].mode) == ("prepend", "inject")
+    assert PHASES["recovery"].batch_size == 64 and PHASES["3b"].epochs == 5
+
+
+def test_help_shows_every_phase_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name in PHASES:
+        assert f"  {name} " in text
+    assert "notebook: perceiver 1e-05" in text and "--notebook-lr" in text
+
+
+def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_says(
+        data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    common = ["--runs-dir", str(runs), "--preset", "tiny", "--epochs", "1", "--eval-images", "0",
+              "--subset", "12"]
+
+    def phase(name, *extra):
+        assert main(_args(data, name, runs / name, *common, *extra)) == 0
+        return load_pretrained(runs / name / "best").params
+
+    # 2a: GPT-2 would be the public pretrained one; --init gpt2=fresh stands in for it offline.
+    p2a = phase("2a", "--init", "gpt2=fresh")
+    p2b = phase("2b")
+    p2c = phase("2c", "--init", f"gpt2={runs / '2a' / 'best'}")
+    p2d = phase("2d")
+
+    def same(a, b, prefix):
+        return all(np.array_equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    assert not same(p2a, p2b, "perceiver.") and not same(p2a, p2b, "gpt2.h.")
+    # 2c starts its Perceiver from 2a, and trains only the cross-attention.
+    assert same(p2c, p2a, "perceiver.") and same(p2c, p2a, "gpt2.h.")
+    assert not same(p2c, p2a, "gpt2.xattn.")
+    # 2d: Perceiver and GPT-2 from 2b, cross-attention from 2c; then all of them train.
+    run = json.loads((runs / "2d" / "run.json").read_text())
+    assert run["init"]["perceiver"].endswith("2b/best") and run["init"]["xattn"].endswith(
+        "2c/best")
+    assert run["settings"]["learning_rates"] == {"perceiver": 1e-5, "gpt2": 1e-5, "lm": 1e-5,
+                                                 "xattn": 1e-5}
+    assert run["status"] == "finished" and not same(p2d, p2c, "gpt2.xattn.")
+    assert load_pretrained(runs / "2d" / "best").config.mode == "inject"
+    assert load_pretrained(runs / "2b" / "best").config.mode == "prepend"
+
+
+def test_lr_overrides_and_the_notebook_rates(data, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(data, "demo-prepend", out, "--epochs", "1", "--eval-images", "0",
+                      "--lr", "gpt2=1e-4,perceiver=0", "--lr", "xattn=2e-4",
+                      "--subset", "8")) == 0
+    rates = json.loads((out / "run.json").read_text())["settings"]["learning_rates"]
+    assert rates == {"gpt2": 1e-4, "lm": 1e-4, "xattn": 2e-4}
+    from lensjax.train import PHASES as phases
+    from lensjax.train import learning_rates
+    assert learning_rates(phases["2c"], True, []) == {"xattn": 1e-5}
+    assert learning_rates(phases["2c"], False, ["lm=3e-6"]) == {"xattn": 1e-4, "lm": 3e-6}
+
+
+def test_demo_phase_writes_metrics_plot_eval_and_a_checkpoint_that_exports(data, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "run"
+    assert main(_args(data, "demo-prepend", out, "--epochs", "2", "--log-every", "2",
+                      "--eval-images", "4", "--plot", "--eval-method", "greedy")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train_loss" in r]
+    assert {"step", "epoch", "train_loss", "lr", "samples_per_s"} <= set(train[0])
+    assert [r["epoch"] for r in records if "val_loss" in r] == [1, 2]
+    assert records[-1]["event"] == "eval"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 4 and 0 <= report["lenstowords_bleu4"] <= 1
+    assert "corpus_bleu4" in report and len(report["samples"]) == 4
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "LensToWords BLEU-4" in capsys.readouterr().err
+    # best/ is a lensjax checkpoint; without an encoder it exports the decoder files.
+    from bridge import export_files
+
+    written = export_files(out / "best", tmp_path / "pytorch")
+    assert {"perceiver", "gpt2_blocks", "cross_attention"} <= set(written)
+
+
+def test_kill_minus_9_then_resume_continues_the_same_loss_curve(data, tmp_path):
+    args = ["--epochs", "3", "--log-every", "1", "--save-every", "3", "--eval-images", "0",
+            "--subset", "16"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(_args(data, "demo-prepend", whole, *args)) == 0
+    expected = _losses(whole)
+
+    command = [sys.executable, "-m", "lensjax.train", *_args(data, "demo-prepend", killed,
+                                                             *args)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    latest = killed / "latest" / "lensjax.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        # Kill once a checkpoint exists and training has logged steps beyond it.
+        if latest.is_file() and max(_losses(killed), default=0) >= json.loads(
+                latest.read_text())["training"]["step"] + 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    saved = json.loads(latest.read_text())["training"]["step"]
+    assert main(_args(data, "demo-prepend", killed, *args)) == 2  # occupied: needs --resume
+    assert main(_args(data, "demo-prepend", killed, *args, "--resume")) == 0
+    resumed = _losses(killed)
+    after = [s for s in sorted(expected) if s > saved][:5]
+    assert len(after) == 5
+    np.testing.assert_allclose([resumed[s] for s in after], [expected[s] for s in after],
+                               rtol=1e-6)
+    assert sorted(resumed) == sorted(expected)  # no step logged twice or lost
+
+
+def test_refusals_name_the_problem(data, tmp_path, capsys):
+    def error(*argv):
+        code = main(list(argv))
+        return code, capsys.readouterr().err
+
+    code, err = error(*_args(data, "demo-inject", tmp_path / "a", "--runs-dir",
+                             str(tmp_path / "none")))
+    assert code == 2 and "demo-prepend" in err and "--init demo-prepend=" in err
+
+    other = tmp_path / "src-layout"
+    CaptionModel(Captioner(CaptionerConfig.from_preset("tiny-src"), rngs=nnx.Rngs(0)),
+                 {}).save(other)
+    code, err = error(*_args(data, "demo-inject", tmp_path / "b", "--init",
+                             f"demo-prepend={other}", "--preset", "demo"))
+    assert code == 2 and "layout 'src'" in err and "do not fit" in err
+
+    code, err = error(*_args(data, "2a", tmp_path / "c", "--preset", "tiny"))
+    assert code == 2 and "--init gpt2=PATH" in err
+
+    with pytest.raises(SystemExit):
+        main(["--phase", "9z"])
+    assert "invalid choice: '9z'" in capsys.readouterr().err
+
+    code, err = error(*_args(data, "demo-prepend", tmp_path / "d", "--lr", "decoder=1"))
+    assert code == 2 and "unknown component 'decoder'" in err
+
+
+def test_images_without_features_are_skipped_or_refused_with_strict(data, tmp_path, capsys):
+    captions = data["captions"].read_text().splitlines()
+    extra = tmp_path / "captions.txt"
+    extra.write_text("\n".join(captions + [f"missing_{i}.png| 0| a red circle ."
+                                           for i in range(3)]) + "\n")
+    argv = ["--phase", "demo-prepend", "--data", str(extra), "--features",
+            str(data["features"]), "--batch-size", "8", "--max-len", "16", "--quiet",
+            "--epochs", "1", "--eval-images", "0", "--subset", "8"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "have no features in the cache and are skipped" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--strict"]) == 2
+    assert "no features in the cache" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    # Adam moves every weight by about lr per step, so a huge rate overflows within steps.
+    code = main(_args(data, "demo-prepend", out, "--lr", "perceiver=1e30,gpt2=1e30",
+                      "--save-every", "1", "--epochs", "1", "--eval-images", "0"))
+    err = capsys.readouterr().err
+    assert code == 3 and ("became nan" in err or "became inf" in err)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"].startswith("stopped: the training loss became")
+    saved = json.loads((out / "latest" / "lensjax.json").read_text())["training"]["step"]
+    assert f"at step {saved + 1}" in err
+    params = load_pretrained(out / "latest").params
+    assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
+
+
+def test_two_processes_with_distributed_give_the_losses_of_one(data, tmp_path):
+    import socket
+
+    args = ["--epochs", "1", "--log-every", "1", "--eval-images", "0", "--subset", "8"]
+    assert main(_args(data, "demo-prepend", tmp_path / "one", *args)) == 0
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lensjax.train", *_args(data, "demo-prepend", out, *args),
+         "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+         "--process-id", str(rank)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE) for rank in (0, 1)]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["processes"], run["devices"]) == (2, 2)
+    one, two = _losses(tmp_path / "one"), _losses(out)
+    assert sorted(one) == sorted(two)
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                               atol=1e-5)
+    assert load_pretrained(out / "best").params.keys() == load_pretrained(
+        tmp_path / "one" / "best").params.keys()

@@ -64,6 +64,7 @@ class Phase:
     preset: str = "v3b"
     max_len: int = 64
     subset: int | None = None
+    max_steps: int | None = None
 
     def sources(self) -> set[str]:
         """The phases (and `gpt2`) whose weights this phase starts from."""
@@ -73,6 +74,10 @@ class Phase:
 def _phase(name: str, summary: str, mode: Mode, rates: Mapping[str, float], init: dict,
            dataset: str, **extra) -> Phase:
     return Phase(name, summary, mode, rates, MappingProxyType(init), dataset, **extra)
+
+
+# The demo's scale: a few hundred steps of the small `demo` preset, captions up to 23 tokens.
+_DEMO = {"epochs": 2, "patience": 2, "batch_size": 32, "preset": "demo", "max_len": 24}
 
 
 def _all_from(phase: str) -> dict[str, str]:
@@ -108,14 +113,14 @@ PHASES: Mapping[str, Phase] = MappingProxyType({p.name: p for p in (
     # no pretrained GPT-2, so the prepend warm-up trains the language model as well.
     _phase("demo-prepend", "demo: prepend warm-up, Perceiver + GPT-2 from scratch", "prepend",
            _rates(3e-3, ("perceiver", "gpt2", "lm")),
-           {"perceiver": FRESH, "gpt2": FRESH, "xattn": FRESH}, "synthetic",
-           epochs=1, patience=2, batch_size=64, preset="demo", max_len=32),
+           {"perceiver": FRESH, "gpt2": FRESH, "xattn": FRESH}, "synthetic", max_steps=140,
+           **_DEMO),
     _phase("demo-inject", "demo: injection warm-up, cross-attention only", "inject",
-           _rates(3e-3, ("xattn",)), _all_from("demo-prepend"), "synthetic",
-           epochs=1, patience=2, batch_size=64, preset="demo", max_len=32),
-    _phase("demo-all", "demo: injection, every decoder component", "inject", _rates(1e-3),
-           _all_from("demo-inject"), "synthetic",
-           epochs=3, patience=2, batch_size=64, preset="demo", max_len=32),
+           _rates(3e-3, ("xattn",)), _all_from("demo-prepend"), "synthetic", max_steps=30,
+           **_DEMO),
+    _phase("demo-all", "demo: injection, every decoder component", "inject",
+           MappingProxyType({"perceiver": 2e-3, "gpt2": 2e-3, "lm": 2e-3, "xattn": 3e-3}),
+           _all_from("demo-inject"), "synthetic", max_steps=650, **_DEMO),
 )})
 
 
@@ -128,7 +133,8 @@ def phase_table() -> str:
             rates += " (notebook: " + ", ".join(
                 f"{k} {v:g}" for k, v in p.notebook_learning_rates.items()) + ")"
         init = ", ".join(f"{g}<-{s}" for g, s in p.init.items())
-        rows.append(f"  {p.name:<12} {p.mode:<7} {p.dataset:<9} epochs {p.epochs}, patience "
-                    f"{p.patience}, batch {p.batch_size}\n"
+        steps = f" (at most {p.max_steps} steps)" if p.max_steps else ""
+        rows.append(f"  {p.name:<12} {p.mode:<7} {p.dataset:<9} epochs {p.epochs}{steps}, "
+                    f"patience {p.patience}, batch {p.batch_size}\n"
                     f"  {'':<12} trains: {rates}\n  {'':<12} init: {init}")
     return "\n".join(rows)

@@ -46,7 +46,8 @@ DEFAULT_DATA: Mapping[str, tuple[list[str], str | None, list[str]]] = {
 LATEST, BEST, RUN_FILE, METRICS_FILE, TRAIN_STATE = (
     "latest", "best", "run.json", "metrics.jsonl", "train_state")
 # Settings a resumed run may change (extending a run); everything else must match.
-RESUMABLE_CHANGES = frozenset({"epochs", "patience", "eval_images", "eval_method", "plot"})
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "patience", "eval_images", "eval_method",
+                               "plot"})
 
 EPILOG = f"""\
 phases (defaults; every one can be overridden by the flags above):
@@ -97,6 +98,7 @@ class Settings:
     patience: int
     batch_size: int
     max_len: int
+    max_steps: int | None
     loss: str
     seed: int
     subset: int | None
@@ -171,6 +173,7 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, preset_is_full: boo
         patience=pick(args.patience, phase.patience),
         batch_size=pick(args.batch_size, phase.batch_size),
         max_len=pick(args.max_len, phase.max_len),
+        max_steps=pick(args.max_steps, phase.max_steps),
         loss=args.loss,
         seed=args.seed,
         subset=pick(args.subset, phase.subset),
@@ -186,6 +189,8 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, preset_is_full: boo
     for name in ("epochs", "batch_size", "log_every", "save_every"):
         if getattr(settings, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.max_steps is not None and settings.max_steps < 1:
+        raise TrainError("--max-steps must be at least 1")
     if settings.patience < 1:
         raise TrainError("--patience must be at least 1")
     if settings.max_len < 3:
@@ -643,9 +648,14 @@ class PhaseRun:
                                  "samples_per_s": len(window) * settings.batch_size / elapsed})
             window, window_start = [], time.perf_counter()
 
-        while progress.epoch < settings.epochs and not progress.stopped_early:
+        max_steps = settings.max_steps or math.inf
+
+        while (progress.epoch < settings.epochs and not progress.stopped_early
+               and progress.step < max_steps):
             epoch = progress.epoch
-            bar = tqdm(total=per_epoch, initial=progress.batch, unit="step", dynamic_ncols=True,
+            last = min(per_epoch, progress.batch + max_steps - progress.step)  # batches to run
+            bar = tqdm(total=last, initial=progress.batch, unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 30,  # logs: a line per 30 s
                        desc=f"{self.phase.name} epoch {epoch + 1}/{settings.epochs}",
                        disable=not self.main or self.args.quiet)
             for index, b in enumerate(self.batches.epoch(epoch, progress.batch),
@@ -670,7 +680,9 @@ class PhaseRun:
                                                                 - window_start)
                     bar.set_postfix(loss=f"{np.mean(window):.4f}", samples_s=f"{rate:.1f}")
                     flush(epoch)
-                if progress.step % settings.save_every == 0 and index + 1 < per_epoch:
+                if index + 1 == last:  # the epoch's end, or --max-steps
+                    break
+                if progress.step % settings.save_every == 0:
                     flush(epoch)
                     self.save(LATEST, state, progress)
             bar.close()
@@ -806,6 +818,9 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
     hyper.add_argument("--epochs", type=int)
+    hyper.add_argument("--max-steps", type=int,
+                       help="end the phase after N steps (validating and saving as at an "
+                       "epoch end)")
     hyper.add_argument("--patience", type=int,
                        help="epochs without validation improvement before stopping")
     hyper.add_argument("--batch-size", type=int, help="global batch, split over all devices")

@@ -102,13 +102,16 @@ def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_s
     assert load_pretrained(runs / "2b" / "best").config.mode == "prepend"
 
 
-def test_lr_overrides_and_the_notebook_rates(data, tmp_path):
+def test_lr_overrides_the_notebook_rates_and_max_steps(data, tmp_path):
     out = tmp_path / "run"
-    assert main(_args(data, "demo-prepend", out, "--epochs", "1", "--eval-images", "0",
+    assert main(_args(data, "demo-prepend", out, "--epochs", "2", "--eval-images", "0",
                       "--lr", "gpt2=1e-4,perceiver=0", "--lr", "xattn=2e-4",
-                      "--subset", "8")) == 0
+                      "--subset", "8", "--max-steps", "7", "--log-every", "1")) == 0
     rates = json.loads((out / "run.json").read_text())["settings"]["learning_rates"]
     assert rates == {"gpt2": 1e-4, "lm": 1e-4, "xattn": 2e-4}
+    # 40 pairs make 5 batches per epoch; --max-steps 7 ends the phase inside epoch 2.
+    assert max(_losses(out)) == 7
+    assert json.loads((out / "latest" / "lensjax.json").read_text())["training"]["step"] == 7
     from lensjax.train import PHASES as phases
     from lensjax.train import learning_rates
     assert learning_rates(phases["2c"], True, []) == {"xattn": 1e-5}
@@ -138,8 +141,9 @@ def test_demo_phase_writes_metrics_plot_eval_and_a_checkpoint_that_exports(data,
 
 
 def test_kill_minus_9_then_resume_continues_the_same_loss_curve(data, tmp_path):
+    # The tiny preset has dropout, so the resumed run must also restore the RNG.
     args = ["--epochs", "3", "--log-every", "1", "--save-every", "3", "--eval-images", "0",
-            "--subset", "16"]
+            "--subset", "16", "--preset", "tiny"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(_args(data, "demo-prepend", whole, *args)) == 0
     expected = _losses(whole)
@@ -229,7 +233,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 def test_two_processes_with_distributed_give_the_losses_of_one(data, tmp_path):
     import socket
 
-    args = ["--epochs", "1", "--log-every", "1", "--eval-images", "0", "--subset", "8"]
+    args = ["--epochs", "1", "--log-every", "1", "--eval-images", "0", "--subset", "8",
+            "--preset", "tiny"]
     assert main(_args(data, "demo-prepend", tmp_path / "one", *args)) == 0
     with socket.socket() as s:
         s.bind(("localhost", 0))

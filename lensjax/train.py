@@ -54,8 +54,9 @@ phases (defaults; every one can be overridden by the flags above):
 {phase_table()}
 
 initial weights (--init KEY=SOURCE, comma-separated or repeated):
-  a phase name      where that phase's output is: 2b=runs/2b/best (default RUNS_DIR/NAME/best),
-                    or any lensjax checkpoint, e.g. a bridged release: 2d=weights/v3b
+  a phase name      where that phase's output is: 2b=runs/2b (a run folder: its best/;
+                    default RUNS_DIR/NAME/best), or any lensjax checkpoint, e.g. a bridged
+                    release: 2d=weights/v3b
   gpt2=PATH         the pretrained GPT-2 for 2a/2c: an HF gpt2 folder (read through the
                     bridge, needs torch) or a lensjax checkpoint; also overrides where any
                     phase's GPT-2 comes from
@@ -344,8 +345,12 @@ def resolve_sources(phase: Phase, init: Mapping[str, str], runs_dir: Path
                     f"--runs-dir {runs_dir}) or pass --init {source}=CHECKPOINT")
             sources[group] = default
     for group, source in sources.items():
-        if source != FRESH and not Path(source).exists():
+        if source == FRESH:
+            continue
+        if not Path(source).exists():
             raise TrainError(f"--init: the {group} source {source} does not exist")
+        if (Path(source) / RUN_FILE).is_file():  # a run folder: its best weights
+            sources[group] = Path(source) / BEST
     return sources
 
 
@@ -578,7 +583,6 @@ class PhaseRun:
         self.trainer = Trainer(cfg, settings.learning_rates, loss=settings.loss,
                                remat=settings.remat, dtype=settings.dtype)
         self.params = params
-        self.tokenizer = tokenizer
 
     # -- checkpoints
 
@@ -617,7 +621,8 @@ class PhaseRun:
         progress = Progress(**metadata["training"])
         leaves = [saved[f"opt_{i}"] for i in range(len(saved) - 1)]
         state = self.trainer.restore(params, leaves, saved["key"], progress.step)
-        self.folder.rewind_metrics(progress.step)
+        if self.main:
+            self.folder.rewind_metrics(progress.step)
         _say(f"resuming {self.folder.path} at epoch {progress.epoch + 1}, batch "
              f"{progress.batch}, step {progress.step}")
         return state, progress
@@ -634,6 +639,7 @@ class PhaseRun:
             state, progress = self.restore()
         else:
             state, progress = self.trainer.init(self.params, settings.seed), Progress()
+            self.params = {}  # the state holds them now
         per_epoch = len(self.batches)
         lrs = settings.learning_rates
         window: list[float] = []
@@ -830,32 +836,32 @@ def _parser() -> argparse.ArgumentParser:
                        help="eos (default): also learn the end-of-caption token; seed: "
                        "LensToWords' loss, which ignores every 50256 target")
     hyper.add_argument("--seed", type=int, default=0, help="data order, dropout, fresh weights")
-    run = parser.add_argument_group("running")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out")
-    run.add_argument("--force", action="store_true", help="clear --out and start over")
-    run.add_argument("--strict", action="store_true",
+    running = parser.add_argument_group("running")
+    running.add_argument("--resume", action="store_true", help="continue the run in --out")
+    running.add_argument("--force", action="store_true", help="clear --out and start over")
+    running.add_argument("--strict", action="store_true",
                      help="images without features are an error, not skipped")
-    run.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    running.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute dtype; bfloat16 is mixed precision for GPUs/TPUs "
                      "(parameters and optimizer state stay float32)")
-    run.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+    running.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                      help="gradient checkpointing of the GPT-2 blocks (default: on for "
                      "full-size presets)")
-    run.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
-    run.add_argument("--save-every", type=int, default=500,
+    running.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
+    running.add_argument("--save-every", type=int, default=500,
                      help="steps between latest/ checkpoints (also at every epoch end)")
-    run.add_argument("--val-batches", type=int, help="validate on at most N batches")
-    run.add_argument("--eval-images", type=int, default=500,
+    running.add_argument("--val-batches", type=int, help="validate on at most N batches")
+    running.add_argument("--eval-images", type=int, default=500,
                      help="validation images captioned at the end of the phase (0: none)")
-    run.add_argument("--eval-method", choices=("greedy", "topk", "beam"), default="topk")
-    run.add_argument("--plot", action="store_true", help="write loss.png")
-    run.add_argument("--distributed", action="store_true",
+    running.add_argument("--eval-method", choices=("greedy", "topk", "beam"), default="topk")
+    running.add_argument("--plot", action="store_true", help="write loss.png")
+    running.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() first (on TPU pods "
                      "and SLURM it finds its settings itself; else give the next three)")
-    run.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    run.add_argument("--num-processes", type=int)
-    run.add_argument("--process-id", type=int)
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    running.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    running.add_argument("--num-processes", type=int)
+    running.add_argument("--process-id", type=int)
+    running.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -116,8 +116,12 @@ class Trainer:
         return self._replicate(state)
 
     def _replicate(self, tree):
-        """Host values, identical in every process -> arrays replicated over the mesh (also
-        across processes, where `jax.device_put` cannot reach other hosts' devices)."""
+        """Values identical in every process -> arrays replicated over the mesh. Across
+        processes `jax.device_put` cannot reach other hosts' devices, so each process then
+        supplies its own devices' copies."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
         def put(x):
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])

@@ -69,8 +69,9 @@ def test_help_shows_every_phase_default(capsys):
 
 
 def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_says(
-        data, tmp_path, capsys):
+        data, tmp_path, reference, imported):
     runs = tmp_path / "runs"
+    hf_gpt2 = reference("tiny").files["gpt2"]  # a save_pretrained folder, read by the bridge
     common = ["--runs-dir", str(runs), "--preset", "tiny", "--epochs", "1", "--eval-images", "0",
               "--subset", "12"]
 
@@ -78,11 +79,14 @@ def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_s
         assert main(_args(data, name, runs / name, *common, *extra)) == 0
         return load_pretrained(runs / name / "best").params
 
-    # 2a: GPT-2 would be the public pretrained one; --init gpt2=fresh stands in for it offline.
-    p2a = phase("2a", "--init", "gpt2=fresh")
+    # 2a and 2c start GPT-2 from the public pretrained one: here an HF folder of random weights.
+    p2a = phase("2a", "--init", f"gpt2={hf_gpt2}")
     p2b = phase("2b")
-    p2c = phase("2c", "--init", f"gpt2={runs / '2a' / 'best'}")
+    p2c = phase("2c", "--init", f"gpt2={hf_gpt2},2a={runs / '2a'}")
     p2d = phase("2d")
+    pretrained = imported("tiny").params
+    for path in ("gpt2.wte.embedding", "gpt2.h.1.mlp.c_fc.kernel", "gpt2.ln_f.scale"):
+        np.testing.assert_array_equal(p2a[path], pretrained[path])
 
     def same(a, b, prefix):
         return all(np.array_equal(a[k], b[k]) for k in a if k.startswith(prefix))

@@ -823,7 +823,7 @@ def _parser() -> argparse.ArgumentParser:
                        "alone for wte/wpe/ln_f), xattn; 0 freezes a component")
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
-    hyper.add_argument("--epochs", type=int)
+    hyper.add_argument("--epochs", type=int, help="at most N epochs (default: per phase)")
     hyper.add_argument("--max-steps", type=int,
                        help="end the phase after N steps (validating and saving as at an "
                        "epoch end)")
@@ -835,25 +835,32 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--loss", choices=("eos", "seed"), default="eos",
                        help="eos (default): also learn the end-of-caption token; seed: "
                        "LensToWords' loss, which ignores every 50256 target")
-    hyper.add_argument("--seed", type=int, default=0, help="data order, dropout, fresh weights")
+    hyper.add_argument("--seed", type=int, default=0,
+                       help="data order, dropout, fresh weights (default: 0)")
     running = parser.add_argument_group("running")
     running.add_argument("--resume", action="store_true", help="continue the run in --out")
     running.add_argument("--force", action="store_true", help="clear --out and start over")
     running.add_argument("--strict", action="store_true",
                      help="images without features are an error, not skipped")
     running.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                     help="compute dtype; bfloat16 is mixed precision for GPUs/TPUs "
-                     "(parameters and optimizer state stay float32)")
+                     help="compute dtype (default: float32); bfloat16 is mixed precision "
+                     "for GPUs/TPUs (parameters and optimizer state stay float32)")
     running.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                      help="gradient checkpointing of the GPT-2 blocks (default: on for "
                      "full-size presets)")
-    running.add_argument("--log-every", type=int, default=50, help="steps per metrics.jsonl line")
+    running.add_argument("--log-every", type=int, default=50,
+                         help="steps per metrics.jsonl line (default: 50)")
     running.add_argument("--save-every", type=int, default=500,
-                     help="steps between latest/ checkpoints (also at every epoch end)")
-    running.add_argument("--val-batches", type=int, help="validate on at most N batches")
+                     help="steps between latest/ checkpoints, also saved at every epoch "
+                         "end (default: 500)")
+    running.add_argument("--val-batches", type=int,
+                         help="validate on at most N batches (default: all)")
     running.add_argument("--eval-images", type=int, default=500,
-                     help="validation images captioned at the end of the phase (0: none)")
-    running.add_argument("--eval-method", choices=("greedy", "topk", "beam"), default="topk")
+                     help="validation images captioned at the end of the phase (default: "
+                         "500; 0: none)")
+    running.add_argument("--eval-method", choices=("greedy", "topk", "beam"), default="topk",
+                         help="decoding for the end-of-phase captions (default: topk, as "
+                         "LensToWords evaluated)")
     running.add_argument("--plot", action="store_true", help="write loss.png")
     running.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() first (on TPU pods "

@@ -936,6 +936,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
 
 
 def format_report(phase: str, report: Mapping[str, Any]) -> str:
+    """The end-of-phase evaluation (`PhaseRun.evaluate`) as printable lines."""
     lines = [f"phase {phase}: {report['method']} captions of {report['images']} validation "
              "images"]
     for sample in report["samples"]:

@@ -888,8 +888,19 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         init.update(parse_assignments(text, "--init"))
     folder = RunFolder(args.out or args.runs_dir / phase.name)
     store = Checkpoints()
-    sources = resolve_sources(phase, init, args.runs_dir)
-    cfg = model_config(phase, sources, args.preset, store)
+    latest = folder.path / LATEST
+    if args.resume and latest.is_dir():  # the model and its weights come from latest/
+        from lensjax.checkpoint import CheckpointError, read_metadata
+        from lensjax.models.captioner import CaptionerConfig
+
+        try:
+            cfg = CaptionerConfig.from_dict(read_metadata(latest)["config"])
+        except CheckpointError as error:
+            raise TrainError(f"cannot resume: {error}") from None
+        sources: dict[str, str | Path] = {}
+    else:
+        sources = resolve_sources(phase, init, args.runs_dir)
+        cfg = model_config(phase, sources, args.preset, store)
     settings = resolve_settings(args, phase, preset_is_full=cfg.gpt2.n_layer >= 12)
     if jax.process_index() == 0:
         resume = folder.prepare(settings, args.resume, args.force, _say)

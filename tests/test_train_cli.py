@@ -103,6 +103,11 @@ def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_s
                                                  "xattn": 1e-5}
     assert run["status"] == "finished" and not same(p2d, p2c, "gpt2.xattn.")
     assert load_pretrained(runs / "2d" / "best").config.mode == "inject"
+    # --resume takes the model from latest/, so it needs no earlier phase's output any more.
+    import shutil
+
+    shutil.rmtree(runs / "2c")
+    assert main(_args(data, "2d", runs / "2d", *common, "--resume")) == 0
     assert load_pretrained(runs / "2b" / "best").config.mode == "prepend"
 
 

@@ -16,7 +16,6 @@ The last line is `demo BLEU-4: <held-out corpus BLEU-4 of beam search>`.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from lensjax import Captioner, CaptionerConfig, CaptionModel, load_pretrained
 from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.synthetic import generate
 from lensjax.evaluate import corpus_bleu4, seed_bleu4
-from lensjax.train import plot_losses
+from lensjax.train import RunFolder, plot_losses
 
 OUT = Path("demo_out")
 PHASES = ("demo-prepend", "demo-inject", "demo-all")
@@ -52,9 +51,7 @@ def _all_phase_losses(runs: Path) -> list[dict]:
     """Every phase's metrics, with steps continued across phases."""
     records, offset = [], 0
     for phase in PHASES:
-        lines = (runs / phase / "metrics.jsonl").read_text().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-        rows = [r for r in rows if "step" in r]
+        rows = [r for r in RunFolder(runs / phase).records() if "step" in r]
         records += [{**r, "step": r["step"] + offset} for r in rows]
         offset += max(r["step"] for r in rows)
     return records

@@ -464,12 +464,10 @@ class RunFolder:
         return json.loads(self.run_file.read_text()) if self.run_file.is_file() else None
 
     def write_run(self, document: Mapping[str, Any]) -> None:
-        from lensjax.files import temporary_sibling
+        from lensjax.files import write_text_atomic
 
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(self.run_file)
-        tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-        tmp.replace(self.run_file)
+        write_text_atomic(self.run_file, json.dumps(document, indent=2, sort_keys=True))
 
     def log(self, record: Mapping[str, Any]) -> None:
         with open(self.path / METRICS_FILE, "a") as f:
@@ -483,12 +481,10 @@ class RunFolder:
 
     def rewind_metrics(self, step: int) -> None:
         """Drop log lines after `step`: a resumed run logs them again."""
-        from lensjax.files import temporary_sibling
+        from lensjax.files import write_text_atomic
 
         kept = [r for r in self.records() if r.get("step", 0) <= step and "event" not in r]
-        tmp = temporary_sibling(self.path / METRICS_FILE)
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path / METRICS_FILE)
+        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
 
     def prepare(self, settings: Settings, resume: bool, force: bool, say) -> bool:
         """Check or clear the folder; -> whether a checkpoint to resume from exists."""
@@ -936,7 +932,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     if trainer_run.main and settings.eval_images > 0:
         report = trainer_run.evaluate()
         document["eval"] = {k: v for k, v in report.items() if k != "samples"}
-        (folder.path / "eval.json").write_text(json.dumps(report, indent=2))
+        from lensjax.files import write_text_atomic
+
+        write_text_atomic(folder.path / "eval.json", json.dumps(report, indent=2))
         folder.log({"event": "eval", **document["eval"]})
         _say(format_report(phase.name, report))
     if trainer_run.main:

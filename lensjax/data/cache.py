@@ -55,7 +55,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from lensjax.files import temporary_sibling
+from lensjax.files import write_text_atomic
 
 PathLike = str | os.PathLike
 
@@ -139,15 +139,7 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
 def _write_metadata(folder: Path, shape: tuple[int, ...], shards: int) -> None:
     """Write `lensjax_cache.json` atomically: a temporary file, fsynced, renamed into place."""
     document = {"format": FORMAT, "shape": list(shape), "dtype": "float16", "shards": shards}
-    tmp = temporary_sibling(folder / METADATA_FILE)
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / METADATA_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(folder / METADATA_FILE, json.dumps(document, indent=2))
 
 
 def _check_size(env: lmdb.Environment, shard: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint, save_checkpoint
+from lensjax.checks import SEED_MAX, check_bool, check_int, check_real
 from lensjax.data.images import load_image
 from lensjax.data.tokenizer import GPT2Tokenizer
 from lensjax.generate import (
@@ -29,6 +29,8 @@ from lensjax.generate import (
     english_words,
     is_degenerate,
     pad_rows,
+    row_identity,
+    row_keys,
 )
 from lensjax.models.captioner import Captioner, CaptionerConfig
 from lensjax.params import build_captioner, flat_params
@@ -68,27 +70,40 @@ class CaptionModel:
 
     def encode(self, images: np.ndarray | jax.Array) -> jax.Array:
         """ImageNet-normalised float32 NHWC images (B, 224, 224, 3) -> features (B, 64, 768)."""
-        images = jnp.asarray(images, jnp.float32)
+        images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(
                 f"encode expects NHWC images (B, H, W, 3), got shape {tuple(images.shape)}"
                 + (" (NCHW? transpose with x.transpose(0, 2, 3, 1))" if images.ndim == 4
                    and images.shape[1] == 3 else "")
             )
-        return self._encode(self.state, images)
+        if min(images.shape[1:3]) < MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"images of {images.shape[1]}x{images.shape[2]} pixels are too small for the "
+                f"encoder (at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model was trained at "
+                f"{self.config.image_size}x{self.config.image_size})")
+        _check_finite("images", images)
+        self.module.check_can_encode()
+        return self._encode(self.state, jnp.asarray(images))
 
     def logits(self, features: np.ndarray | jax.Array, input_ids: np.ndarray | jax.Array
                ) -> jax.Array:
         """Features (B, 64, feature_dim), ids int (B, T) -> float32 logits (B, T, vocab)."""
-        features = jnp.asarray(features, jnp.float32)
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        self._check_features(features)
-        if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0]:
+        features = self._check_features(features)
+        input_ids = np.asarray(input_ids)
+        vocab = self.config.gpt2.vocab_size
+        if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0] or not (
+                input_ids.shape[1] >= 1):
             raise ValueError(
-                f"input_ids must be (B, T) with B = {features.shape[0]}, got "
+                f"input_ids must be (B, T) with B = {features.shape[0]} and T >= 1, got "
                 f"{tuple(input_ids.shape)}"
             )
-        return self._logits(self.state, features, input_ids)
+        if not np.issubdtype(input_ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, found "
+                             f"{input_ids.min()}..{input_ids.max()}")
+        return self._logits(self.state, jnp.asarray(features), jnp.asarray(input_ids, jnp.int32))
 
     @property
     def tokenizer(self) -> GPT2Tokenizer:
@@ -113,44 +128,70 @@ class CaptionModel:
         stop_on_repeat: bool | None = None,
         retry: bool = True,
         batch_size: int = 32,
+        identities: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Caption tokens for features float32 (B, 64, D) -> int32 (B, max_new_tokens).
 
         Tokens exclude the BOS; each row is EOS (50256) after its end. Methods: "greedy",
         "topk" (LensToWords' default: top_k 20, temperature 0.7, and its retry rule when
-        `retry`), "beam" (beam_width 5, alpha 0.7). Sampling keys come from `seed` and each
-        row's feature bytes, so a caption does not change with batch size or position.
-        Batches of at most `batch_size` are padded to a few fixed sizes, compiled once each.
+        `retry`; temperature 0 is greedy), "beam" (beam_width 5, alpha 0.7). Batches of at
+        most `batch_size` are padded to a few fixed sizes, compiled once each.
+
+        A row's sampling keys come from `seed` and its identity: `identities[i]` (an int in
+        0..2**64-1, e.g. `lensjax.generate.row_identity(file_bytes)`), else the bytes of
+        `features[i]`. Features computed in batches of different sizes can differ in their
+        last bits, so pass the inputs' identities to make captions independent of batching
+        (`caption` does). Every argument is checked before any work (ValueError naming it).
         """
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0, SEED_MAX)
+        check_real("alpha", alpha)
+        temperature = check_real("temperature", temperature, 0.0)
+        check_bool("retry", retry)
+        if method == "topk" and temperature == 0.0:
+            method = "greedy"
         options = DecodeOptions(method, max_new_tokens, min_new_tokens, top_k, beam_width,
                                 stop_at_period, stop_on_repeat)
-        features = np.asarray(features, np.float32)
-        self._check_features(features)
-        row_ids = np.array([zlib.crc32(row.tobytes()) for row in features], np.uint32)
-        tokens = self._decode_batches(features, row_ids, 0, seed, temperature, alpha, options,
+        check_int("top_k", top_k, 1, self.config.gpt2.vocab_size)
+        check_int("beam_width", beam_width, 1, self.config.gpt2.vocab_size)
+        prefix = 1 + (self.config.perceiver.num_latents if self.config.mode == "prepend" else 0)
+        check_int("max_new_tokens", max_new_tokens, 1, self.config.gpt2.n_positions - prefix)
+        features = self._check_features(features)
+        ids = self._identities(features, identities)
+        tokens = self._decode_batches(features, ids, 0, seed, temperature, alpha, options,
                                       batch_size)
-        if retry and method == "topk":
-            tokens = self._retry_degenerate(features, row_ids, tokens, seed, temperature,
+        if retry and options.method == "topk":
+            tokens = self._retry_degenerate(features, ids, tokens, seed, temperature,
                                             alpha, options, batch_size)
         return tokens
 
-    def _decode_batches(self, features, row_ids, attempt, seed, temperature, alpha, options,
-                        batch_size) -> np.ndarray:
-        base = jax.random.key(seed)
+    @staticmethod
+    def _identities(features: np.ndarray, identities: Sequence[int] | None) -> np.ndarray:
+        """uint64 (B,) row identities: the given ones, checked, or the feature bytes'."""
+        if identities is None:
+            return np.array([row_identity(row) for row in features], np.uint64)
+        identities = list(identities)
+        if len(identities) != len(features):
+            raise ValueError(f"identities has {len(identities)} entries for {len(features)} "
+                             "rows of features")
+        return np.array([check_int("identities[i]", i, 0, 2**64 - 1) for i in identities],
+                        np.uint64)
+
+    def _decode_batches(self, features, identities, attempt, seed, temperature, alpha,
+                        options, batch_size) -> np.ndarray:
         out = np.empty((len(features), options.max_new_tokens), np.int32)
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size]
             size = bucket_for(len(chunk), batch_size)
-            ids = pad_rows(row_ids[start : start + batch_size], size)
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), attempt))(
-                jnp.asarray(ids))
+            keys = row_keys(seed, pad_rows(identities[start : start + batch_size], size),
+                            attempt)
             tokens = self._decode(self.state, jnp.asarray(pad_rows(chunk, size)), keys,
                                   jnp.float32(temperature), jnp.float32(alpha), options=options)
             out[start : start + len(chunk)] = np.asarray(tokens)[: len(chunk)]
         return out
 
-    def _retry_degenerate(self, features, row_ids, tokens, seed, temperature, alpha, options,
-                          batch_size, attempts: int = 5) -> np.ndarray:
+    def _retry_degenerate(self, features, identities, tokens, seed, temperature, alpha,
+                          options, batch_size, attempts: int = 5) -> np.ndarray:
         """Resample rows LensToWords would reject (`is_degenerate`), at most `attempts` times."""
         if self._words is None:
             self._words = english_words()
@@ -160,12 +201,16 @@ class CaptionModel:
                 self.tokenizer.decode(ids[:1]), self.tokenizer.decode_caption(ids), self._words)]
             if not bad:
                 break
-            tokens[bad] = self._decode_batches(features[bad], row_ids[bad], attempt, seed,
+            tokens[bad] = self._decode_batches(features[bad], identities[bad], attempt, seed,
                                                temperature, alpha, options, batch_size)
         return tokens
 
     def encode_padded(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """`encode` in batches padded to bucket sizes (bounded compiles) -> numpy features."""
+        check_int("batch_size", batch_size, 1)
+        if not len(images):
+            tokens = self.config.head.pool_size ** 2 if self.config.head else 0
+            return np.zeros((0, tokens, self.config.feature_dim), np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             chunk = np.asarray(images[start : start + batch_size], np.float32)
@@ -175,29 +220,52 @@ class CaptionModel:
 
     def caption(
         self,
-        images_or_paths: np.ndarray | Sequence[str | os.PathLike],
+        images_or_paths: np.ndarray | str | os.PathLike | Sequence[str | os.PathLike],
         method: Method = "topk",
         batch_size: int = 32,
         **options: Any,
     ) -> list[str]:
-        """Captions for images (float32 NHWC (B, 224, 224, 3), normalised) or image files.
+        """Captions for images (float32 NHWC (B, 224, 224, 3), normalised) or image files
+        (one path, or a sequence of them) -> one caption per image.
 
         `options` are `generate`'s (max_new_tokens, top_k, temperature, beam_width, alpha,
-        seed, ...). A file that cannot be read raises `ImageError` naming it.
+        seed, ...). A file that cannot be read raises `ImageError` naming it. Sampling keys
+        derive from each file's bytes (or each image array's), so an image gets the same
+        caption alone or in any batch.
         """
+        check_int("batch_size", batch_size, 1)
         if isinstance(images_or_paths, np.ndarray | jax.Array):
             images = np.asarray(images_or_paths, np.float32)
+            if images.ndim != 4:
+                raise ValueError("images must be (B, H, W, 3), got shape "
+                                 f"{tuple(images.shape)}; a single image needs x[None]")
+            identities = [row_identity(image) for image in images]
         else:
+            paths = ([images_or_paths] if isinstance(images_or_paths, str | os.PathLike)
+                     else list(images_or_paths))
             size = self.config.image_size
-            images = np.stack([load_image(path, size) for path in images_or_paths])
+            images = np.zeros((len(paths), size, size, 3), np.float32)
+            for row, path in enumerate(paths):
+                images[row] = load_image(path, size)
+            identities = [file_identity(path) for path in paths]
+        if not len(images):
+            return []
         features = self.encode_padded(images, batch_size)
-        tokens = self.generate(features, method, batch_size=batch_size, **options)
+        tokens = self.generate(features, method, batch_size=batch_size, identities=identities,
+                               **options)
         return [self.tokenizer.decode_caption(row) for row in tokens]
 
-    def _check_features(self, features: np.ndarray | jax.Array) -> None:
-        width = self.config.perceiver.in_dim
+    def _check_features(self, features: np.ndarray | jax.Array) -> np.ndarray:
+        """Features as float32 numpy (B, S >= 1, feature_dim), all finite; else ValueError."""
+        features = np.asarray(features, np.float32)
+        width = self.config.feature_dim
         if features.ndim != 3 or features.shape[-1] != width:
             raise ValueError(f"features must be (B, S, {width}), got {tuple(features.shape)}")
+        if features.shape[1] == 0:
+            raise ValueError("features have zero tokens (shape "
+                             f"{tuple(features.shape)}); the encoder gives 64 per image")
+        _check_finite("features", features)
+        return features
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write a checkpoint directory that `load_pretrained` reads back."""
@@ -208,6 +276,23 @@ class CaptionModel:
         }
         params = {k: np.asarray(v) for k, v in self.params.items()}
         return save_checkpoint(path, params, metadata, overwrite=overwrite)
+
+
+MIN_IMAGE_SIDE = 32  # ConvNeXt downsamples by 32 before its last stage
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    """ValueError naming the first rows of `array` (B, ...) that hold NaN or infinity."""
+    finite = np.isfinite(array).all(axis=tuple(range(1, array.ndim)))
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise ValueError(f"{name} hold NaN or infinite values (rows {rows[:5].tolist()}"
+                         + (" ..." if len(rows) > 5 else "") + ")")
+
+
+def file_identity(path: str | os.PathLike) -> int:
+    """`row_identity` of a file's bytes: its captions' sampling keys derive from it."""
+    return row_identity(Path(path).read_bytes())
 
 
 def load_pretrained(path: str | os.PathLike) -> CaptionModel:

@@ -7,13 +7,14 @@ per step runs against a preallocated KV cache. Rows stop by LensToWords' rules (
 Beam search keeps the beams of all images flattened into the batch axis.
 
 Output: int32 (B, max_new_tokens), the generated tokens without the BOS, EOS after each row's
-end. Sampling keys are per row, derived from (seed, row id, step), so an image's caption does
-not depend on the batch it is in.
+end. Sampling keys are per row, derived from (seed, the row's identity, attempt, step), so an
+image's caption does not depend on the batch it is in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Literal, NamedTuple
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lensjax.checks import check_bool, check_int
 from lensjax.data.tokenizer import EOS_ID
 from lensjax.models.captioner import Captioner
 from lensjax.models.gpt2 import KVCache
@@ -48,10 +50,13 @@ class DecodeOptions:
     def __post_init__(self):
         if self.method not in ("greedy", "topk", "beam"):
             raise ValueError(f"unknown method {self.method!r}: use greedy, topk or beam")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
-            raise ValueError("need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
-        if self.top_k < 1 or self.beam_width < 1:
-            raise ValueError("top_k and beam_width must be >= 1")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
+        check_int("top_k", self.top_k, 1)
+        check_int("beam_width", self.beam_width, 1)
+        check_bool("stop_at_period", self.stop_at_period)
+        if self.stop_on_repeat is not None:
+            check_bool("stop_on_repeat", self.stop_on_repeat)
 
     @property
     def repeat_stop(self) -> bool:
@@ -268,6 +273,22 @@ def is_degenerate(first_token_text: str, caption: str, words: frozenset[str]) ->
     if any(len(t) > 3 and t.isupper() for t in tokens):
         return True
     return any(tokens[i] == tokens[i + 1] == tokens[i + 2] for i in range(len(tokens) - 2))
+
+
+def row_identity(data: bytes | np.ndarray) -> int:
+    """A 64-bit identity of one input (a file's bytes, an image or a feature array), from which
+    its sampling keys derive: equal inputs get equal captions wherever they are batched."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def row_keys(seed: int, identities: np.ndarray, attempt: int) -> jax.Array:
+    """PRNG keys (N,) for rows with uint64 `identities` (N,) at retry `attempt`."""
+    halves = np.stack([identities >> np.uint64(32), identities & np.uint64(0xFFFFFFFF)],
+                      axis=1).astype(np.uint32)
+    base = jax.random.key(seed)
+    return jax.vmap(lambda hi_lo: jax.random.fold_in(jax.random.fold_in(
+        jax.random.fold_in(base, hi_lo[0]), hi_lo[1]), attempt))(jnp.asarray(halves))
 
 
 def bucket_sizes(batch_size: int) -> list[int]:

@@ -20,6 +20,11 @@ examples:
 
 Layouts (notebook = the released files, src = LensToWords' src/model.py) are detected from the
 keys. .pth files are read with torch.load(weights_only=True) only: pickled code is refused.
+import refuses NaN or infinite weights; export checks every array of the checkpoint against
+the checksum saved with it. --out must not be, contain or lie inside an input.
+
+exit status: 0 done; 2 bad arguments or input (one `error:` line says which file and why);
+nothing is written then.
 """
 
 
@@ -35,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     imp = commands.add_parser(
         "import",
         help="released .pth files -> lensjax checkpoint directory",
-        description="Convert LensToWords' released files into a lensjax checkpoint directory.",
+        description="Convert LensToWords' released files into a lensjax checkpoint directory. "
+        "Every problem (missing, unexpected or mis-shaped keys, NaN or infinite weights) of "
+        "every file is listed in one error.",
     )
     imp.add_argument("--perceiver", required=True, type=Path,
                      help="best_perciever.pth (notebook or src layout)")
@@ -56,17 +63,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="model shape to convert into (default: v3b; 'tiny' for test files)")
     imp.add_argument("--seed", type=int, default=0,
                      help="seed of a random encoder head (default: 0)")
-    imp.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    imp.add_argument("--out", required=True, type=Path,
+                     help="checkpoint directory to write (not an input, nor a folder that "
+                     "holds or is inside one)")
     imp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     exp = commands.add_parser(
         "export",
         help="lensjax checkpoint directory -> LensToWords .pth files",
         description="Write a lensjax checkpoint as files the original PyTorch code loads "
-        "with load_state_dict(strict=True).",
+        "with load_state_dict(strict=True). The checkpoint's arrays are checked against the "
+        "checksums saved with them first.",
     )
     exp.add_argument("checkpoint", type=Path, help="lensjax checkpoint directory")
-    exp.add_argument("--out", required=True, type=Path, help="directory to write")
+    exp.add_argument("--out", required=True, type=Path,
+                     help="directory to write (not the checkpoint, nor a folder that holds or "
+                     "is inside it)")
     exp.add_argument("--layout", choices=("notebook", "src"),
                      help="check the model is in this layout (default: the model's own)")
     exp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -99,14 +111,24 @@ def _inspect(files: list[Path]) -> None:
               f"layout: {', '.join(layouts) or 'unknown'}")
 
 
+def _import_inputs(args: argparse.Namespace) -> list[str | Path]:
+    """The files and folders that `import` reads."""
+    from bridge.convert import RANDOM
+
+    inputs = [args.perceiver, args.gpt2_blocks, args.cross_attention, args.gpt2, args.encoder]
+    if args.encoder_head != RANDOM:
+        inputs.append(args.encoder_head)
+    return [path for path in inputs if path is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m bridge` with `argv`; returns the exit status (0 done, 2 refused)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "import":
-            from bridge.convert import import_model
+            from bridge.convert import check_out, import_model
 
-            if args.out.exists() and not args.force:
-                raise BridgeError(f"{args.out} already exists; pass --force to replace it")
+            check_out(args.out, _import_inputs(args), force=args.force)
             model = import_model(
                 perceiver=args.perceiver,
                 gpt2_blocks=args.gpt2_blocks,
@@ -132,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
         else:
             _inspect(args.files)
-    except (BridgeError, CheckpointError, ParamMismatchError, FileExistsError) as error:
+    except (BridgeError, CheckpointError, ParamMismatchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

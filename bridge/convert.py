@@ -27,6 +27,7 @@ import lensjax
 from bridge.io import (
     BridgeError,
     StateDict,
+    count_non_finite,
     read_state_dict,
     resolve_weights_file,
     write_safetensors,
@@ -35,7 +36,7 @@ from bridge.io import (
 from bridge.tables import DESCRIPTIONS, EXPORT_TABLES, TABLES, Table
 from lensjax.api import CaptionModel
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
-from lensjax.files import temporary_sibling
+from lensjax.files import OutputError, check_output, temporary_sibling
 from lensjax.models.captioner import PRESETS, CaptionerConfig
 from lensjax.models.convnext import MultiScaleHead
 from lensjax.params import abstract_params, check_params, flat_params
@@ -117,6 +118,11 @@ def torch_to_flax(
                 f"expected {shape}"
             )
             continue
+        non_finite = count_non_finite(tensor)
+        if non_finite:
+            problems.append(f"{path}: key {canonical[key]!r} has {non_finite} NaN or infinite "
+                            f"value(s) of {tensor.size}")
+            continue
         for template, array in zip(rule.flax, rule.transform.to_flax(tensor), strict=True):
             params[template.format(**binds)] = array
     for key, original in canonical.items():
@@ -130,6 +136,40 @@ def torch_to_flax(
             shape = tuple(source.tensors[original].shape)
             problems.append(f"{path}: unexpected key {original!r} (shape {shape})")
     return params, problems
+
+
+def _overlap(out: Path, source: Path) -> str | None:
+    """How the output folder `out` and an input path overlap (real paths), or None."""
+    out_real, source_real = out.resolve(), source.resolve()
+    if out_real == source_real:
+        return "is"
+    if out_real.is_relative_to(source_real):
+        return "is inside"
+    if source_real.is_relative_to(out_real):
+        return "contains"
+    return None
+
+
+def check_out(
+    out: str | os.PathLike, inputs: list[str | os.PathLike], *, force: bool = False
+) -> Path:
+    """Refuse the output folder `out` before any work starts: a location that cannot be
+    written (`lensjax.files.check_output`), one that is, contains or is inside one of
+    `inputs` (replacing it would destroy what is read), or an existing one without `force`.
+    """
+    out = Path(out)
+    try:
+        check_output(out, directory=True)
+    except OutputError as error:
+        raise BridgeError(str(error)) from error
+    for source in inputs:
+        relation = _overlap(out, Path(source))
+        if relation:
+            raise BridgeError(f"--out {out} {relation} the input {source}; write the output "
+                              "somewhere else")
+    if out.exists() and not force:
+        raise BridgeError(f"{out} already exists; pass --force to replace it")
+    return out
 
 
 def _natural_key(key: str) -> list[Any]:
@@ -152,6 +192,18 @@ def flax_to_torch(table: Table, params: Mapping[str, np.ndarray]) -> StateDict:
         if original in tensors:
             tensors[tied] = tensors[original].copy()
     return {table.export_key(k): v for k, v in tensors.items()}
+
+
+def _raise_problems(problems: Mapping[Path, list[str]], doing: str) -> None:
+    """One BridgeError listing every problem, if there are any: a single one as it is (it
+    starts with its file), several one per line after a first line naming their files."""
+    every = [problem for found in problems.values() for problem in found]
+    if len(every) == 1:
+        raise BridgeError(every[0])
+    if every:
+        files = [str(path) for path, found in problems.items() if found]
+        raise BridgeError(f"{len(every)} problem(s) in {', '.join(files)} {doing}:\n  "
+                          + "\n  ".join(every))
 
 
 def _dtype_record(tensors: StateDict, table: Table) -> dict[str, Any]:
@@ -228,22 +280,18 @@ def import_params(
     expected = abstract_params(cfg)
 
     params: dict[str, np.ndarray] = {}
-    problems: list[str] = []
+    problems: dict[Path, list[str]] = {}
     for component in ("perceiver", "gpt2_blocks", "cross_attention", "encoder", "encoder_head"):
         if component in sources:
             converted, found = torch_to_flax(sources[component], expected)
             params.update(converted)
-            problems += found
+            problems[sources[component].path] = found
     # The public gpt2 file supplies wte, wpe and ln_f; its blocks are superseded by the
     # released (fine-tuned) ones.
     converted, found = torch_to_flax(sources["gpt2"], expected, frozenset(params))
     params.update(converted)
-    problems += found
-    if problems:
-        raise BridgeError(
-            f"{len(problems)} problem(s) converting to preset {cfg.preset!r}:\n  "
-            + "\n  ".join(problems)
-        )
+    problems[sources["gpt2"].path] = found
+    _raise_problems(problems, f"converting to preset {cfg.preset!r}")
 
     components: dict[str, Any] = {
         component: {
@@ -277,9 +325,7 @@ def import_gpt2(path: str | os.PathLike, cfg: CaptionerConfig) -> dict[str, np.n
     expected = {p: v for p, v in abstract_params(cfg).items()
                 if p.startswith("gpt2.") and not p.startswith("gpt2.xattn.")}
     params, problems = torch_to_flax(source, expected)
-    if problems:
-        raise BridgeError(f"{len(problems)} problem(s) reading GPT-2 for preset "
-                          f"{cfg.preset!r}:\n  " + "\n  ".join(problems))
+    _raise_problems({resolved: problems}, f"reading GPT-2 for preset {cfg.preset!r}")
     return params
 
 
@@ -353,12 +399,12 @@ def export_files(
 
     Files: best_perciever.pth, best_gpt2.pth, best_cross_attention.pth, encoder_head.pth and
     encoder_convnext_tiny.pth (when present), and a gpt2/ folder (config.json +
-    model.safetensors, a complete GPT2LMHeadModel).
+    model.safetensors, a complete GPT2LMHeadModel). `out` is checked by `check_out` before
+    the checkpoint is read (and verified against its checksums); it is replaced only when
+    complete.
     """
     say = log or (lambda message: None)
-    out = Path(out).absolute()
-    if out.exists() and not force:
-        raise BridgeError(f"{out} already exists; pass --force to replace it")
+    out = check_out(out, [checkpoint], force=force).absolute()
     params, metadata = load_checkpoint(checkpoint)
     cfg = CaptionerConfig.from_dict(metadata["config"])
     if layout is not None and layout != cfg.layout:
@@ -386,7 +432,9 @@ def export_files(
                 write_torch_file(target, tensors)
             written[component] = out / table.filename
             say(f"wrote {table.filename} ({len(tensors)} tensors)")
-        if out.exists():
+        if out.is_symlink():
+            out.unlink()
+        elif out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:

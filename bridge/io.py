@@ -8,12 +8,14 @@ bfloat16 tensors become `ml_dtypes.bfloat16` numpy arrays (numpy has no bfloat16
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -49,26 +51,59 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def _safetensors_tensor(
+    path: Path, key: str, info: Any, data: np.ndarray, base: int
+) -> np.ndarray:
+    """One header entry of a .safetensors file -> its array, every field checked."""
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict):
+        raise BridgeError(f"{where}: its header entry is not an object")
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise BridgeError(f"{where} has an unknown dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+        raise BridgeError(f"{where}: \"shape\" must be a list of sizes, found {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets))
+            and offsets[0] <= offsets[1]):
+        raise BridgeError(f"{where}: \"data_offsets\" must be [start, end], found {offsets!r}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    start, end = base + offsets[0], base + offsets[1]
+    if end > data.size:
+        raise BridgeError(f"{where} ends at byte {end} but the file has {data.size} bytes "
+                          "(truncated?)")
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise BridgeError(f"{where}: shape {tuple(shape)} of {info['dtype']} needs "
+                          f"{math.prod(shape) * dtype.itemsize} bytes, its data_offsets span "
+                          f"{end - start}")
+    return np.asarray(data[start:end]).view(dtype).reshape(shape).copy()
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors(path: Path) -> StateDict:
-    """Parse a .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
+    """Parse a .safetensors file (8-byte header length, JSON header, raw little-endian data).
+    Anything malformed is a BridgeError naming the file and, where there is one, the tensor."""
+    size = path.stat().st_size
+    if size < 8:
+        raise BridgeError(f"{path}: not a safetensors file ({size} bytes, shorter than its "
+                          "8-byte header length)")
     data = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > size - 8:
+        raise BridgeError(f"{path}: not a safetensors file (header length {header_len} is "
+                          f"more than the file's {size} bytes)")
     try:
-        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (struct.error, ValueError) as error:
-        raise BridgeError(f"{path}: not a readable safetensors file ({error})") from error
-    base = 8 + header_len
-    tensors: StateDict = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if base + end > data.size or info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise BridgeError(f"{path}: tensor {key!r} is truncated or of unknown dtype")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        raw = np.asarray(data[base + start : base + end])
-        tensors[key] = raw.view(dtype).reshape(info["shape"]).copy()
-    return tensors
+    except (ValueError, RecursionError) as error:
+        raise BridgeError(f"{path}: not a safetensors file (its header is not JSON: "
+                          f"{error})") from error
+    if not isinstance(header, dict):
+        raise BridgeError(f"{path}: not a safetensors file (its header is a JSON "
+                          f"{type(header).__name__}, not an object)")
+    return {key: _safetensors_tensor(path, key, info, data, 8 + header_len)
+            for key, info in header.items() if key != "__metadata__"}
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
@@ -120,9 +155,28 @@ def numpy_to_tensor(array: np.ndarray):
     return torch.from_numpy(array.copy())
 
 
+# torch.save writes a zip archive; before PyTorch 1.6 it wrote a pickle stream (protocol 2+).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_STARTS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+
+
+def _check_torch_format(path: Path) -> None:
+    """Refuse a file that is neither of torch.save's formats, before torch reads it."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start:
+        raise BridgeError(f"{path}: the file is empty, not a PyTorch weights file")
+    if not start.startswith((_ZIP_MAGIC, *_PICKLE_STARTS)):
+        raise BridgeError(
+            f"{path}: not a PyTorch weights file (neither a zip-format nor a legacy torch.save "
+            f"file; it starts with {start!r})"
+        )
+
+
 def read_torch_file(path: Path) -> StateDict:
     """`torch.load(path, weights_only=True)` -> {key: numpy array}, with clear errors."""
     torch = _torch()
+    _check_torch_format(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -157,6 +211,13 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if all(key.startswith("module.") for key in tensors):
         tensors = {key.removeprefix("module."): value for key, value in tensors.items()}
     return tensors
+
+
+def count_non_finite(array: np.ndarray) -> int:
+    """How many NaN or infinite values a floating-point array holds (0 for other dtypes)."""
+    if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 def write_torch_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:

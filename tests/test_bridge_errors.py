@@ -156,3 +156,33 @@ def test_export_of_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert bridge_cli(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "not a lensjax checkpoint" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused_naming_file_and_key(reference, tmp_path):
+    files = dict(reference("tiny").files)
+    state = _state(files["perceiver"])
+    state["latents"][0, :3] = float("nan")
+    files["perceiver"] = tmp_path / "nan_perciever.pth"
+    torch.save(state, files["perceiver"])
+    blocks = _state(files["gpt2_blocks"])
+    blocks["1.mlp.c_fc.bias"][0] = float("inf")
+    files["gpt2_blocks"] = tmp_path / "inf_gpt2.pth"
+    torch.save(blocks, files["gpt2_blocks"])
+    with pytest.raises(BridgeError) as caught:
+        import_files(files, "tiny")
+    first, *lines = str(caught.value).splitlines()
+    assert first == (f"2 problem(s) in {files['perceiver']}, {files['gpt2_blocks']} "
+                     "converting to preset 'tiny':")
+    assert lines == [f"  {files['perceiver']}: key 'latents' has 3 NaN or infinite value(s) of 512",
+                     f"  {files['gpt2_blocks']}: key '1.mlp.c_fc.bias' has 1 NaN or infinite "
+                     "value(s) of 256"]
+
+
+def test_export_never_replaces_the_checkpoint_it_reads(reference, tmp_path):
+    from bridge import export_files
+
+    import_files(reference("tiny").files, "tiny").save(tmp_path / "run" / "best")
+    for out in (tmp_path / "run" / "best", tmp_path / "run", tmp_path / "run" / "best" / "x"):
+        with pytest.raises(BridgeError, match=r"--out .* the input .*run/best"):
+            export_files(tmp_path / "run" / "best", out, force=True)
+    assert load_pretrained(tmp_path / "run" / "best").config.preset == "tiny"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import html
+import io
 import json
 import os
 import re
@@ -23,17 +24,38 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from lensjax.data.captions import read_utf8_text
+from lensjax.files import write_text_atomic
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
+SEED_MAX = 2**63 - 1
+# Exit statuses (also in --help).
+EXIT_DONE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
+SPLITS = ("all", "train", "val")  # of the flickr, coco and instagram formats
 
 
 class EvaluationError(ValueError):
     """Predictions or references cannot be scored as given."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose usage errors read like the command's other errors: the usage, then one
+    `error: ...` line; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as one line naming its file: `PATH: reason`."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
 def seed_tokens(text: str) -> list[str]:
@@ -140,32 +162,102 @@ def corpus_bleu4(predictions: Mapping[str, str], references: Mapping[str, Sequen
 # --- reading predictions and references ----------------------------------------------------
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+def read_predictions(path: str | os.PathLike, *, strict: bool = False) -> dict[str, str]:
     """captions.jsonl (`{"image", "caption"}`) or .csv (`image,caption`) -> {file name: text}.
 
-    Keys are file names, as in the references; an empty caption stays (scored as empty).
+    Keys are file names, as in the references: `a/X.png` and `b/X.png` are both `X.png`, so
+    of predictions that share a file name the first is kept and the others are reported (a
+    warning; with `strict`, an error). An empty or null caption stays (scored as empty).
+    Rows are checked: EvaluationError names the line of a bad one.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such predictions file")
-    lines = read_utf8_text(path).splitlines()
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(lines))
-        if rows and not {"image", "caption"} <= set(rows[0]):
-            raise EvaluationError(f"{path}: expected the columns image,caption")
-        items = [(r["image"], r["caption"]) for r in rows]
-    else:
-        items = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append((row["image"], row["caption"] or ""))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise EvaluationError(f"{path}:{number}: expected a JSON object with "
-                                      f"'image' and 'caption' ({error})") from None
-    return {Path(image).name: caption for image, caption in items}
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    predictions: dict[str, str] = {}
+    first: dict[str, tuple[int, str]] = {}
+    repeated: list[str] = []
+    for number, image, caption in rows:
+        key = Path(image).name
+        if not key:
+            raise EvaluationError(f"{path}:{number}: image {image!r} has no file name")
+        if key in first:
+            repeated.append(f"line {number} {image!r} (line {first[key][0]} "
+                            f"{first[key][1]!r} came first)")
+            continue
+        first[key] = number, image
+        predictions[key] = caption
+    if repeated:
+        message = (f"{path}: {len(repeated)} predictions repeat an earlier one's file name, "
+                   f"e.g. {repeated[0]}; references are keyed by file name, so only the first "
+                   "of each is scored")
+        if strict:
+            raise EvaluationError(message + " (--strict)")
+        print(f"warning: {message}", file=sys.stderr)
+    return predictions
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, image, caption) of every non-blank line of a captions.jsonl."""
+    rows = []
+    for number, line in enumerate(read_utf8_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvaluationError(f"{path}:{number}: not JSON ({error.msg}); expected an "
+                                  "object with 'image' and 'caption'") from None
+        if not isinstance(row, dict) or not {"image", "caption"} <= set(row):
+            raise EvaluationError(f"{path}:{number}: expected a JSON object with 'image' and "
+                                  f"'caption', found {_short_json(row)}")
+        rows.append((number, _image(path, number, row["image"]),
+                     _caption(path, number, row["caption"])))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, image, caption) of every row of an `image,caption` CSV."""
+    reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
+    header = next(reader, None)
+    columns = [c.strip() for c in header or []]
+    if not {"image", "caption"} <= set(columns):
+        raise EvaluationError(f"{path}: expected the columns image,caption in the header, "
+                              f"found {','.join(columns) or 'nothing'}")
+    image, caption = columns.index("image"), columns.index("caption")
+    rows = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(columns):
+            raise EvaluationError(f"{path}:{reader.line_num}: expected {len(columns)} CSV "
+                                  f"fields ({','.join(columns)}), found {len(row)}")
+        rows.append((reader.line_num, _image(path, reader.line_num, row[image]), row[caption]))
+    return rows
+
+
+def _image(path: Path, number: int, value: Any) -> str:
+    """A row's image (a non-empty string, stripped); EvaluationError naming the line."""
+    if not isinstance(value, str) or not value.strip():
+        raise EvaluationError(f"{path}:{number}: 'image' must be a file name or path (a "
+                              f"non-empty string), found {_short_json(value)}")
+    return value.strip()
+
+
+def _caption(path: Path, number: int, value: Any) -> str:
+    """A row's caption: a string, or null for an empty one; EvaluationError naming the line."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise EvaluationError(f"{path}:{number}: 'caption' must be a string (or null for "
+                              f"an empty caption), found {_short_json(value)}")
+    return value
+
+
+def _short_json(value: Any, limit: int = 60) -> str:
+    """`value` as JSON for a message, cut to `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 PRESETS = {
@@ -176,8 +268,8 @@ PRESETS = {
 
 
 def read_references(path: str | os.PathLike, fmt: str, split: str | None) -> dict[str, list[str]]:
-    """References of one evaluation set: flickr/instagram (`val` = LensToWords' 90/10 split),
-    coco (a captions_*.json), karpathy (its own split field)."""
+    """References of one evaluation set: flickr/coco/instagram (`split` all, train or val:
+    LensToWords' 90/10 split), karpathy (its own split field)."""
     from lensjax.data.captions import (
         load_coco,
         load_flickr30k,
@@ -188,6 +280,9 @@ def read_references(path: str | os.PathLike, fmt: str, split: str | None) -> dic
 
     if fmt == "karpathy":
         return load_karpathy(path, split=split)
+    if split is not None and split not in SPLITS:
+        raise EvaluationError(f"--split {split!r}: the {fmt} format splits into "
+                              f"{', '.join(SPLITS)} (LensToWords' 90/10 split)")
     loaded = {"flickr": load_flickr30k, "coco": load_coco, "instagram": load_instagram}[fmt](path)
     if split in (None, "all"):
         return loaded
@@ -200,11 +295,13 @@ def read_references(path: str | os.PathLike, fmt: str, split: str | None) -> dic
 
 
 def write_per_image_csv(path: Path, predictions, references, scores) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["key", "prediction", "references", "seed_bleu4"])
-        for key, score in sorted(scores.items(), key=lambda item: item[1]):
-            writer.writerow([key, predictions[key], " | ".join(references[key]), f"{score:.6f}"])
+    """key, prediction, references, LensToWords BLEU-4 per image, worst first (atomic)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["key", "prediction", "references", "seed_bleu4"])
+    for key, score in sorted(scores.items(), key=lambda item: item[1]):
+        writer.writerow([key, predictions[key], " | ".join(references[key]), f"{score:.6f}"])
+    write_text_atomic(path, text.getvalue())
 
 
 def write_gallery(path: Path, predictions, references, scores, image_dir: Path | None,
@@ -227,14 +324,14 @@ def write_gallery(path: Path, predictions, references, scores, image_dir: Path |
 
     body = "".join(f"<h2>{title} {len(keys)}</h2><div class=\"grid\">"
                    + "".join(card(k) for k in keys) + "</div>" for title, keys in sections)
-    path.write_text(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    write_text_atomic(
+        path, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<title>lensjax evaluation</title><style>"
         "body{font-family:sans-serif;margin:1em}.grid{display:flex;flex-wrap:wrap;gap:1em}"
         ".card{width:240px}.card img{width:240px;height:240px;object-fit:cover}"
         ".pred{font-weight:bold}.key{color:#666;font-size:small}"
         f"</style></head><body><h1>lensjax evaluation ({len(scores)} images)</h1>{body}"
-        "</body></html>\n", encoding="utf-8")
+        "</body></html>\n")
 
 
 def _generate_predictions(args, references: dict[str, list[str]]) -> dict[str, str]:
@@ -260,17 +357,23 @@ def _generate_predictions(args, references: dict[str, list[str]]) -> dict[str, s
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m lensjax.evaluate", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m lensjax.evaluate --predictions captions.jsonl --references captions.txt "
         "--preset flickr30k-val\n"
         "  python -m lensjax.evaluate --weights weights/v3c --features features/coco-val "
-        "--references captions_val2017.json --format coco --method beam --html\n",
+        "--references captions_val2017.json --format coco --method beam --html\n\n"
+        "Predictions are matched to references by file name: of predictions that share one\n"
+        "(a/X.png, b/X.png) the first is scored and the rest reported (--strict: an error).\n\n"
+        "exit status: 0 scored, 2 bad input (also unmatched keys with --strict), 130\n"
+        "interrupted (Ctrl-C).\n",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", type=Path, help="captions.jsonl or .csv to score")
+    source.add_argument("--predictions", type=Path,
+                        help="captions.jsonl ({\"image\", \"caption\"} per line) or .csv "
+                        "(image,caption) to score")
     source.add_argument("--weights", type=Path, help="checkpoint: generate, then score")
     parser.add_argument("--features", type=Path, help="feature cache (with --weights)")
     parser.add_argument("--references", required=True, type=Path, help="reference captions")
@@ -279,29 +382,62 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("flickr", "coco", "karpathy", "instagram"),
                         default="flickr", help="references format (default: flickr)")
     parser.add_argument("--split", default=None,
-                        help="val/train (LensToWords' 90/10 split) or a Karpathy split")
+                        help="all/val/train (LensToWords' 90/10 split) or a Karpathy split "
+                        "(default: all)")
     parser.add_argument("--method", choices=("greedy", "topk", "beam"), default="topk")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"sampling seed (topk), 0 to {SEED_MAX} (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per generation batch, >= 1 (default: 32)")
     parser.add_argument("--strict", action="store_true",
-                        help="unmatched predictions or references are an error")
+                        help="unmatched predictions or references, and predictions sharing a "
+                        "file name, are an error")
     parser.add_argument("--no-coco", action="store_true", help="only LensToWords' BLEU-4")
     parser.add_argument("--out", type=Path, default=Path("eval_out"),
-                        help="folder for metrics.json, per_image.csv, gallery.html")
+                        help="folder for metrics.json, per_image.csv, gallery.html "
+                        "(default: eval_out)")
     parser.add_argument("--html", action="store_true", help="also write gallery.html")
     parser.add_argument("--images", type=Path, help="image folder for the gallery thumbnails")
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags, missing inputs and an unwritable --out before any work starts."""
+    from lensjax.files import OutputError, check_output
+
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise EvaluationError(f"--seed must be between 0 and {SEED_MAX}, got {args.seed}")
+    if args.weights is not None and args.features is None:
+        raise EvaluationError("--weights needs --features (a feature cache)")
+    for flag, path, folder in (("--predictions", args.predictions, False),
+                               ("--references", args.references, False),
+                               ("--weights", args.weights, True),
+                               ("--features", args.features, True),
+                               ("--images", args.images if args.html else None, True)):
+        if path is None or (path.is_dir() if folder else path.is_file()):
+            continue
+        if not path.exists():
+            raise EvaluationError(f"{flag} {path} does not exist")
+        raise EvaluationError(f"{flag} {path} is a {'file' if folder else 'folder'}; "
+                              f"expected a {'folder' if folder else 'file'}")
+    try:
+        check_output(args.out, directory=True)
+    except OutputError as error:
+        raise EvaluationError(f"--out: {error}") from None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the predictions (read, or generated with --weights) against the references;
+    write the reports to --out; -> the metrics report."""
+    check_args(args)
     fmt, split = PRESETS.get(args.preset, (args.format, args.split))
     references = read_references(args.references, fmt, split)
     if args.weights is not None:
-        if args.features is None:
-            raise EvaluationError("--weights needs --features (a feature cache)")
         predictions = _generate_predictions(args, references)
     else:
-        predictions = read_predictions(args.predictions)
+        predictions = read_predictions(args.predictions, strict=args.strict)
     unmatched = [k for k in predictions if k not in references]
     unscored = [k for k in references if k not in predictions]
     for count, what in ((len(unmatched), "predictions have no references"),
@@ -334,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except EvaluationError as error:
             print(f"warning: COCO metrics skipped: {error}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(args.out / "metrics.json", json.dumps(report, indent=2))
     write_per_image_csv(args.out / "per_image.csv", predictions, references, per_image)
     if args.html:
         write_gallery(args.out / "gallery.html", predictions, references, per_image, args.images)
@@ -353,12 +489,23 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; -> the exit status (0 scored, 2 bad input, 130 interrupted)."""
+    from lensjax.checkpoint import CheckpointError
+
+    args = _parser().parse_args(argv)
     try:
-        run(_parser().parse_args(argv))
-    except (EvaluationError, FileNotFoundError, ValueError) as error:
+        run(args)
+    except KeyboardInterrupt:
+        print(f"error: interrupted (Ctrl-C) before all reports were written to {args.out}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (EvaluationError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_DONE
 
 
 if __name__ == "__main__":

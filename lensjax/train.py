@@ -20,18 +20,25 @@ A run folder (--out, default RUNS_DIR/PHASE) holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from lensjax.checkpoint import CheckpointError
+from lensjax.evaluate import SEED_MAX, CliParser, describe_os_error
 from lensjax.phases import DATASETS, FRESH, INIT_GROUPS, PHASES, PRETRAINED_GPT2, Phase, phase_table
 
 # Default data locations per data set: (caption sources, validation source, feature caches).
@@ -48,6 +55,18 @@ LATEST, BEST, RUN_FILE, METRICS_FILE, TRAIN_STATE = (
 # Settings a resumed run may change (extending a run); everything else must match.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "patience", "eval_images", "eval_method",
                                "plot"})
+# Integer flags -> (lowest, highest or None) allowed; checked before any work starts.
+INT_FLAGS: Mapping[str, tuple[int, int | None]] = MappingProxyType({
+    "epochs": (1, None), "max_steps": (1, None), "patience": (1, None),
+    "batch_size": (1, None), "max_len": (3, None), "subset": (1, None), "seed": (0, SEED_MAX),
+    "log_every": (1, None), "save_every": (1, None), "val_batches": (1, None),
+    "eval_images": (0, None), "num_processes": (1, None), "process_id": (0, None),
+})
+# Exit statuses (also in --help).
+EXIT_DONE, EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
+# Hidden write-then-rename siblings (lensjax.files.temporary_sibling): `.NAME.tmp-xxxxxxxx`
+# is never complete; `.NAME.old-xxxxxxxx` is the previous NAME while it is being replaced.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")
 
 EPILOG = f"""\
 phases (defaults; every one can be overridden by the flags above):
@@ -73,7 +92,13 @@ examples:
   python -m lensjax.train --phase 3a --init 2d=weights/v3b --batch-size 64 --plot
   python -m lensjax.train --phase 2d --resume            # continue a killed run
 
-exit status: 0 done, 2 bad input, 3 stopped on a non-finite loss.
+run.json's status: running, then done, failed (with the step and the reason) or
+interrupted (with the step and the last saved step).
+
+Ctrl-C stops the run at the next step (a checkpoint being written is finished first) and
+says which step latest/ holds; the same command with --resume continues from there.
+
+exit status: 0 done, 2 bad input, 3 stopped on a non-finite loss, 130 interrupted (Ctrl-C).
 """
 
 
@@ -83,6 +108,10 @@ class TrainError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the command; the message says where the run stands."""
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -103,7 +132,7 @@ class Settings:
     loss: str
     seed: int
     subset: int | None
-    remat: bool
+    remat: bool | None  # None until `fit_model` picks the model's default
     dtype: str
     log_every: int
     save_every: int
@@ -114,6 +143,20 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse an integer flag outside its range (`INT_FLAGS`), naming the flag and the range."""
+    for name, (low, high) in INT_FLAGS.items():
+        value = getattr(args, name)
+        if value is None or (low <= value and (high is None or value <= high)):
+            continue
+        allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise TrainError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
+    if (args.process_id is not None and args.num_processes is not None
+            and args.process_id >= args.num_processes):
+        raise TrainError(f"--process-id must be below --num-processes ({args.num_processes}), "
+                         f"got {args.process_id}")
 
 
 def parse_assignments(text: str, what: str) -> dict[str, str]:
@@ -162,7 +205,9 @@ def learning_rates(phase: Phase, notebook: bool, overrides: Sequence[str]) -> di
     return rates
 
 
-def resolve_settings(args: argparse.Namespace, phase: Phase, preset_is_full: bool) -> Settings:
+def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Settings:
+    """The phase's defaults with the flags' overrides; the global batch must split evenly over
+    `devices`. `remat` stays None unless given (see `fit_model`)."""
     def pick(value, default):
         return default if value is None else value
 
@@ -178,7 +223,7 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, preset_is_full: boo
         loss=args.loss,
         seed=args.seed,
         subset=pick(args.subset, phase.subset),
-        remat=pick(args.remat, preset_is_full),
+        remat=args.remat,
         dtype=args.dtype,
         log_every=args.log_every,
         save_every=args.save_every,
@@ -187,19 +232,60 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, preset_is_full: boo
         eval_method=args.eval_method,
         plot=args.plot,
     )
-    for name in ("epochs", "batch_size", "log_every", "save_every"):
-        if getattr(settings, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
-    if settings.max_steps is not None and settings.max_steps < 1:
-        raise TrainError("--max-steps must be at least 1")
-    if settings.patience < 1:
-        raise TrainError("--patience must be at least 1")
-    if settings.max_len < 3:
-        raise TrainError("--max-len must be at least 3 (BOS, a token, EOS)")
+    if settings.batch_size % devices:
+        raise TrainError(f"--batch-size {settings.batch_size} must be divisible by the "
+                         f"{devices} devices the batch is split over")
     return settings
 
 
+def fit_model(settings: Settings, cfg) -> Settings:
+    """`settings` for the model `cfg`: `--remat` defaults to on for full-size GPT-2s, and
+    `--max-len` must fit the model's positions (prepend mode also places the latents there;
+    the end-of-phase captions take BOS + max_len - 1 new tokens)."""
+    prefix = cfg.perceiver.num_latents if settings.mode == "prepend" else 0
+    longest = cfg.gpt2.n_positions - prefix
+    if settings.max_len > longest:
+        raise TrainError(f"--max-len must be between 3 and {longest} for this model "
+                         f"(n_positions {cfg.gpt2.n_positions}"
+                         + (f", {prefix} latents prepended" if prefix else "")
+                         + f"), got {settings.max_len}")
+    remat = cfg.gpt2.n_layer >= 12 if settings.remat is None else settings.remat
+    return dataclasses.replace(settings, remat=remat)
+
+
 # --- data ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """Where a run's captions and features are: the flags, else the phase's defaults."""
+
+    data: list[str]
+    val_data: str | None
+    features: list[str]
+
+
+def data_paths(args: argparse.Namespace, phase: Phase) -> DataPaths:
+    """The caption files and feature caches `phase` reads, each checked to exist."""
+    data, val_data, features = DEFAULT_DATA.get(phase.dataset, ([], None, []))
+    paths = DataPaths(args.data or data, args.val_data or (None if args.data else val_data),
+                      args.features or features)
+    if not paths.data or not paths.features:
+        raise TrainError(f"phase {phase.name} trains on {DATASETS[phase.dataset]}: give the "
+                         "caption source(s) with --data and the feature cache with --features")
+    for flag, path in [*(("--data", p) for p in paths.data),
+                       *([("--val-data", paths.val_data)] if paths.val_data else [])]:
+        if not Path(path).is_file():
+            raise TrainError(f"{flag}: caption source {path} "
+                             + ("is a folder; give a caption file" if Path(path).is_dir()
+                                else "does not exist"))
+    for folder in paths.features:
+        if not Path(folder).is_dir():
+            raise TrainError(f"--features: feature cache {folder} "
+                             + ("is a file, not a cache folder" if Path(folder).exists() else
+                                "does not exist; make it with `python -m lensjax.extract "
+                                f"IMAGES --weights W --out {folder}`"))
+    return paths
 
 
 @dataclasses.dataclass
@@ -217,8 +303,6 @@ def _captions(paths: Sequence[str]) -> dict[str, list[str]]:
 
     merged: dict[str, list[str]] = {}
     for path in paths:
-        if not Path(path).exists():
-            raise TrainError(f"caption source {path} does not exist")
         for key, caps in caption_source(path).captions.items():
             merged.setdefault(key, []).extend(caps)
     return merged
@@ -227,30 +311,18 @@ def _captions(paths: Sequence[str]) -> dict[str, list[str]]:
 def _feature_cache(folders: Sequence[str]):
     from lensjax.data.cache import SHARD_PREFIX, FeatureCache
 
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise TrainError(f"feature cache {folder} does not exist; make it with "
-                             "`python -m lensjax.extract IMAGES --weights W --out "
-                             f"{folder}`")
     if len(folders) == 1:
         return FeatureCache(folders[0])
     return FeatureCache([s for f in folders for s in sorted(Path(f).glob(SHARD_PREFIX + "*"))])
 
 
-def load_data(args: argparse.Namespace, phase: Phase, settings: Settings) -> Data:
-    """Captions and features for `phase`, split as LensToWords split them."""
+def load_data(paths: DataPaths, settings: Settings) -> Data:
+    """Captions and features, split as LensToWords split them."""
     from lensjax.data.captions import coco_subset, seed_split
 
-    data, val_data, features = DEFAULT_DATA.get(phase.dataset, ([], None, []))
-    data = args.data or data
-    features = args.features or features
-    val_data = args.val_data or (None if args.data else val_data)
-    if not data or not features:
-        raise TrainError(f"phase {phase.name} trains on {DATASETS[phase.dataset]}: give the "
-                         "caption source(s) with --data and the feature cache with --features")
-    captions = _captions(data)
-    if val_data is not None:
-        train, val = captions, _captions([val_data])
+    captions = _captions(paths.data)
+    if paths.val_data is not None:
+        train, val = captions, _captions([paths.val_data])
     else:
         train_keys, val_keys = seed_split(list(captions), seed=42, train_frac=0.9)
         train = {k: captions[k] for k in train_keys}
@@ -258,7 +330,8 @@ def load_data(args: argparse.Namespace, phase: Phase, settings: Settings) -> Dat
     if settings.subset is not None and settings.subset < len(train):
         train = {k: train[k] for k in coco_subset(list(train), settings.subset,
                                                     seed=settings.seed)}
-    return Data(train, val, _feature_cache(features), [*data, *([val_data] if val_data else [])])
+    return Data(train, val, _feature_cache(paths.features),
+                [*paths.data, *([paths.val_data] if paths.val_data else [])])
 
 
 def usable(captions: Mapping[str, list[str]], cache, strict: bool, what: str, say
@@ -296,7 +369,7 @@ class Checkpoints:
         self._loaded: dict[Path, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
 
     def lensjax(self, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        from lensjax.checkpoint import CheckpointError, load_checkpoint
+        from lensjax.checkpoint import load_checkpoint
 
         if path not in self._loaded:
             try:
@@ -450,76 +523,6 @@ def _pretrained_gpt2(path: Path, cfg) -> dict[str, np.ndarray]:
 # --- the run folder --------------------------------------------------------------------------
 
 
-class RunFolder:
-    """run.json, metrics.jsonl and the checkpoints of one run."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @property
-    def run_file(self) -> Path:
-        return self.path / RUN_FILE
-
-    def read_run(self) -> dict[str, Any] | None:
-        return json.loads(self.run_file.read_text()) if self.run_file.is_file() else None
-
-    def write_run(self, document: Mapping[str, Any]) -> None:
-        from lensjax.files import write_text_atomic
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_file, json.dumps(document, indent=2, sort_keys=True))
-
-    def log(self, record: Mapping[str, Any]) -> None:
-        with open(self.path / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS_FILE
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def rewind_metrics(self, step: int) -> None:
-        """Drop log lines after `step`: a resumed run logs them again."""
-        from lensjax.files import write_text_atomic
-
-        kept = [r for r in self.records() if r.get("step", 0) <= step and "event" not in r]
-        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def prepare(self, settings: Settings, resume: bool, force: bool, say) -> bool:
-        """Check or clear the folder; -> whether a checkpoint to resume from exists."""
-        existing = self.read_run()
-        if existing is None:
-            if self.path.exists() and any(self.path.iterdir()) and not force:
-                raise TrainError(f"{self.path} is not empty and holds no lensjax run; choose "
-                                 "another --out or pass --force to clear it")
-            if force and self.path.exists():
-                shutil.rmtree(self.path)
-            return False
-        if force:
-            say(f"--force: clearing the earlier run in {self.path}")
-            shutil.rmtree(self.path)
-            return False
-        if not resume:
-            raise TrainError(f"{self.path} already holds a run of phase "
-                             f"{existing['settings']['phase']}: pass --resume to continue it "
-                             "or --force to start over")
-        changed = {k: (v, settings.to_dict().get(k)) for k, v in existing["settings"].items()
-                   if settings.to_dict().get(k) != v and k not in RESUMABLE_CHANGES}
-        if changed:
-            raise TrainError(f"{self.path} holds a run with different settings; --resume needs "
-                             "the same ones: " + "; ".join(
-                                 f"{k}: {old!r} there, {new!r} now"
-                                 for k, (old, new) in changed.items()))
-        if not (self.path / LATEST).is_dir():
-            say(f"{self.path} has no checkpoint yet: starting the phase from the beginning")
-            return False
-        return True
-
-
-# --- training --------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Progress:
     """Where a run is; saved with every `latest` checkpoint."""
@@ -532,6 +535,157 @@ class Progress:
     stopped_early: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """What latest/ holds for --resume: weights, optimizer state, RNG key and progress."""
+
+    params: dict[str, np.ndarray]
+    opt_leaves: list[np.ndarray]
+    key: np.ndarray
+    progress: Progress
+
+
+def read_latest(latest: Path) -> Resumed:
+    """Read `latest` for --resume; TrainError when it is damaged or not a training checkpoint."""
+    from lensjax.checkpoint import load_checkpoint, load_extra
+
+    try:
+        params, metadata = load_checkpoint(latest)
+        saved = load_extra(latest, TRAIN_STATE)
+        progress = Progress(**metadata["training"])
+        leaves = [saved[f"opt_{i}"] for i in range(len(saved) - 1)]
+        return Resumed(params, leaves, saved["key"], progress)
+    except CheckpointError as error:
+        raise TrainError(f"cannot resume: {error}; pass --force to start the run over"
+                         ) from None
+    except (KeyError, TypeError) as error:
+        raise TrainError(f"cannot resume: {latest} is not a complete training checkpoint "
+                         f"(missing {error}); pass --force to start the run over") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """How a run starts in its folder: from latest/ (`resume`) or from the beginning, and
+    whether an earlier run is cleared first (`clear`)."""
+
+    resume: bool
+    clear: bool
+
+
+class RunFolder:
+    """run.json, metrics.jsonl and the checkpoints of one run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    def read_run(self) -> dict[str, Any] | None:
+        """run.json, or None when there is none; TrainError when it is damaged."""
+        if not self.run_file.is_file():
+            return None
+        try:
+            document = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TrainError(f"{self.run_file} is damaged ({error}); pass --force to start "
+                             "the run over") from None
+        if not isinstance(document, dict) or not isinstance(document.get("settings"), dict):
+            raise TrainError(f"{self.run_file} holds no run settings; pass --force to start "
+                             "the run over")
+        return document
+
+    def write_run(self, document: Mapping[str, Any]) -> None:
+        from lensjax.files import write_text_atomic
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_file, json.dumps(document, indent=2, sort_keys=True))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records; TrainError naming the line of a damaged one."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise TrainError(f"{path}:{number}: not a JSON record ({error.msg}); remove the "
+                                 "line to resume, or pass --force to start over") from None
+        return records
+
+    def rewind_metrics(self, step: int) -> None:
+        """Drop log lines after `step`: a resumed run logs them again."""
+        from lensjax.files import write_text_atomic
+
+        kept = [r for r in self.records() if r.get("step", 0) <= step and "event" not in r]
+        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def prepare(self, settings: Settings, resume: bool, force: bool, say) -> Start:
+        """Check the folder against the flags; -> how the run starts. Nothing is changed here:
+        `begin` does that once every input has been checked."""
+        existing = self.read_run()
+        if existing is None:
+            if self.path.exists() and any(self.path.iterdir()) and not force:
+                raise TrainError(f"{self.path} is not empty and holds no lensjax run; choose "
+                                 "another --out or pass --force to clear it")
+            return Start(resume=False, clear=force and self.path.exists())
+        if force:
+            say(f"--force: clearing the earlier run in {self.path}")
+            return Start(resume=False, clear=True)
+        if not resume:
+            raise TrainError(f"{self.path} already holds a run of phase "
+                             f"{existing['settings'].get('phase')}: pass --resume to continue "
+                             "it or --force to start over")
+        changed = {k: (v, settings.to_dict().get(k)) for k, v in existing["settings"].items()
+                   if settings.to_dict().get(k) != v and k not in RESUMABLE_CHANGES}
+        if changed:
+            raise TrainError(f"{self.path} holds a run with different settings; --resume needs "
+                             "the same ones: " + "; ".join(
+                                 f"{k}: {old!r} there, {new!r} now"
+                                 for k, (old, new) in changed.items()))
+        self.records()  # a damaged metrics.jsonl is refused before anything changes
+        if not (self.path / LATEST).is_dir():
+            say(f"{self.path} has no checkpoint yet: starting the phase from the beginning")
+            return Start(resume=False, clear=False)
+        return Start(resume=True, clear=False)
+
+    def begin(self, start: Start, say) -> None:
+        """Clear the folder (`start.clear`), or remove what interrupted writes left in it."""
+        if start.clear:
+            shutil.rmtree(self.path)
+        elif self.path.is_dir():
+            self.remove_temporaries(say)
+
+    def remove_temporaries(self, say) -> None:
+        """Remove the unfinished writes of a killed or interrupted run: every `.NAME.tmp-*`,
+        and `.NAME.old-*` once NAME exists (the write that replaced it finished)."""
+        removed = []
+        for path in sorted(self.path.iterdir()):
+            match = _TEMPORARY.match(path.name)
+            if match is None or (match["tag"] == "old"
+                                 and not (self.path / match["name"]).exists()):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path.name)
+        if removed:
+            say(f"removed the unfinished writes of an earlier run: {', '.join(removed)}")
+
+
+# --- training --------------------------------------------------------------------------------
+
+
 def _say(message: str) -> None:
     import jax
 
@@ -541,12 +695,61 @@ def _say(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+class InterruptGuard:
+    """Ctrl-C (SIGINT) during a run. Outside `held()` it raises KeyboardInterrupt at once, as
+    Python does; inside, it is only recorded and raised by `check()` (after each step) or at
+    the block's end. So a checkpoint being written is finished first, and the interrupt never
+    lands in a library callback, where Python would print a traceback and drop it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._holding = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT within the block (main thread only: elsewhere Python's stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if not self._holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Record Ctrl-C instead of raising it within the block; raise it at the end."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        self.check()
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def absorb(self) -> None:
+        """From now on only record Ctrl-C: the run is stopping and records where it stands."""
+        self._holding += 1
+
+
 class PhaseRun:
-    """One phase run: the loop, checkpoints, metrics and the end-of-phase evaluation."""
+    """One phase run: the loop, checkpoints, metrics and the end-of-phase evaluation.
+    `progress` is where the loop is; `saved_step` the step latest/ holds (None: no
+    checkpoint yet)."""
 
     def __init__(self, args: argparse.Namespace, phase: Phase, settings: Settings, cfg,
-                 params: dict[str, np.ndarray], provenance: dict[str, str], data: Data,
-                 folder: RunFolder):
+                 params: dict[str, np.ndarray] | Resumed, provenance: dict[str, str],
+                 data: Data, folder: RunFolder, interrupts: InterruptGuard):
         import jax
 
         from lensjax.data.batching import CaptionBatches
@@ -555,11 +758,10 @@ class PhaseRun:
 
         self.args, self.phase, self.settings, self.cfg = args, phase, settings, cfg
         self.provenance, self.data, self.folder = provenance, data, folder
+        self.interrupts = interrupts
+        self.progress, self.saved_step = Progress(), None
         self.main = jax.process_index() == 0
         devices = jax.device_count()
-        if settings.batch_size % devices:
-            raise TrainError(f"--batch-size {settings.batch_size} is not divisible by the "
-                             f"{devices} devices the batch is split over")
         tokenizer = GPT2Tokenizer()
         process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
         train_pairs = usable(data.train, data.cache, args.strict, "training set", _say)
@@ -578,7 +780,8 @@ class PhaseRun:
                                           max_len=settings.max_len, seed=0, **process)
         self.trainer = Trainer(cfg, settings.learning_rates, loss=settings.loss,
                                remat=settings.remat, dtype=settings.dtype)
-        self.params = params
+        self.resumed = params if isinstance(params, Resumed) else None
+        self.params = {} if self.resumed else params
 
     # -- checkpoints
 
@@ -597,26 +800,27 @@ class PhaseRun:
         return meta
 
     def save(self, name: str, state, progress: Progress | None) -> None:
+        """Write checkpoint `name` whole: Ctrl-C meanwhile waits for the write to finish."""
         from lensjax.checkpoint import save_checkpoint
 
-        if not self.main:
-            return
         extra = None
-        if progress is not None:
+        if progress is not None and self.main:
             leaves, key, _ = self.trainer.host_state(state)
             extra = {TRAIN_STATE: {"key": key, **{f"opt_{i}": x for i, x in enumerate(leaves)}}}
-        save_checkpoint(self.folder.path / name, self.trainer.params(state),
-                        self._metadata(progress), overwrite=True, extra=extra)
+        with self.interrupts.held():
+            if self.main:
+                save_checkpoint(self.folder.path / name, self.trainer.params(state),
+                                self._metadata(progress), overwrite=True, extra=extra)
+            if progress is not None:
+                self.saved_step = progress.step
 
     def restore(self):
-        from lensjax.checkpoint import load_checkpoint, load_extra
-
-        latest = self.folder.path / LATEST
-        params, metadata = load_checkpoint(latest)
-        saved = load_extra(latest, TRAIN_STATE)
-        progress = Progress(**metadata["training"])
-        leaves = [saved[f"opt_{i}"] for i in range(len(saved) - 1)]
-        state = self.trainer.restore(params, leaves, saved["key"], progress.step)
+        """The training state and progress of `self.resumed` (latest/, read by `read_latest`)."""
+        resumed, self.resumed = self.resumed, None
+        progress = resumed.progress
+        state = self.trainer.restore(resumed.params, resumed.opt_leaves, resumed.key,
+                                     progress.step)
+        self.saved_step = progress.step
         if self.main:
             self.folder.rewind_metrics(progress.step)
         _say(f"resuming {self.folder.path} at epoch {progress.epoch + 1}, batch "
@@ -626,16 +830,23 @@ class PhaseRun:
     # -- the loop
 
     def run(self, resume: bool) -> Progress:
+        """Train until the epochs, --max-steps or the patience run out; Ctrl-C raises
+        KeyboardInterrupt after the step it arrives in."""
+        with self.interrupts.held():
+            return self._loop(resume)
+
+    def _loop(self, resume: bool) -> Progress:
         from tqdm import tqdm
 
         from lensjax.training import Batch
 
         settings = self.settings
         if resume:
-            state, progress = self.restore()
+            state, self.progress = self.restore()
         else:
-            state, progress = self.trainer.init(self.params, settings.seed), Progress()
+            state = self.trainer.init(self.params, settings.seed)
             self.params = {}  # the state holds them now
+        progress = self.progress
         per_epoch = len(self.batches)
         lrs = settings.learning_rates
         window: list[float] = []
@@ -669,10 +880,8 @@ class PhaseRun:
                     bar.close()
                     raise NonFiniteLoss(
                         f"the training loss became {loss} at step {progress.step + 1} (epoch "
-                        f"{epoch + 1}, batch {index + 1}); nothing after step "
-                        f"{self._saved_step()} was saved: {self.folder.path / LATEST} is the "
-                        "last good checkpoint. Lower the learning rate (--lr) and --resume, "
-                        "or check the input features")
+                        f"{epoch + 1}, batch {index + 1}); {self.last_good()}. Lower the "
+                        "learning rate (--lr) and --resume, or check the input features")
                 progress.step, progress.batch = progress.step + 1, index + 1
                 window.append(loss)
                 bar.update(1)
@@ -682,6 +891,7 @@ class PhaseRun:
                                                                 - window_start)
                     bar.set_postfix(loss=f"{np.mean(window):.4f}", samples_s=f"{rate:.1f}")
                     flush(epoch)
+                self.interrupts.check()
                 if index + 1 == last:  # the epoch's end, or --max-steps
                     break
                 if progress.step % settings.save_every == 0:
@@ -691,15 +901,12 @@ class PhaseRun:
             flush(epoch)
             val = self.validate(state)
             if not math.isfinite(val):
-                raise NonFiniteLoss(
-                    f"the validation loss is {val} after epoch {epoch + 1} (step "
-                    f"{progress.step}); {self.folder.path / LATEST} (step "
-                    f"{self._saved_step()}) is the last good checkpoint")
+                raise NonFiniteLoss(f"the validation loss is {val} after epoch {epoch + 1} "
+                                    f"(step {progress.step}); {self.last_good()}")
             improved = val < progress.best_val
-            progress = dataclasses.replace(
-                progress, epoch=epoch + 1, batch=0,
-                best_val=min(val, progress.best_val),
-                bad_epochs=0 if improved else progress.bad_epochs + 1)
+            progress.epoch, progress.batch = epoch + 1, 0
+            progress.best_val = min(val, progress.best_val)
+            progress.bad_epochs = 0 if improved else progress.bad_epochs + 1
             progress.stopped_early = (progress.bad_epochs >= settings.patience
                                       and progress.epoch < settings.epochs)
             if self.main:
@@ -716,11 +923,12 @@ class PhaseRun:
                 _say(f"early stop: no improvement for {settings.patience} epochs")
         return progress
 
-    def _saved_step(self) -> int:
-        from lensjax.checkpoint import read_metadata
-
-        latest = self.folder.path / LATEST
-        return read_metadata(latest)["training"]["step"] if latest.is_dir() else 0
+    def last_good(self) -> str:
+        """Which step latest/ holds, for messages."""
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return (f"nothing after step {self.saved_step} was saved: {self.folder.path / LATEST} "
+                "is the last good checkpoint")
 
     def validate(self, state) -> float:
         from lensjax.training import Batch
@@ -728,9 +936,12 @@ class PhaseRun:
         count = len(self.val_batches)
         if self.settings.val_batches is not None:
             count = min(count, self.settings.val_batches)
-        losses = [self.trainer.eval_loss(state, Batch(b.features, b.inputs, b.targets,
-                                                      b.lengths))
-                  for b in (self.val_batches.batch(0, i) for i in range(count))]
+        losses = []
+        for index in range(count):
+            b = self.val_batches.batch(0, index)
+            losses.append(self.trainer.eval_loss(state, Batch(b.features, b.inputs, b.targets,
+                                                              b.lengths)))
+            self.interrupts.check()
         return float(np.mean(losses))
 
     # -- end of phase
@@ -782,16 +993,19 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     from lensjax.files import temporary_sibling
 
     tmp = temporary_sibling(path)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 # --- command line ----------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m lensjax.train", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", required=True, choices=list(PHASES), metavar="PHASE",
@@ -819,23 +1033,29 @@ def _parser() -> argparse.ArgumentParser:
                        "alone for wte/wpe/ln_f), xattn; 0 freezes a component")
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
-    hyper.add_argument("--epochs", type=int, help="at most N epochs (default: per phase)")
+    hyper.add_argument("--epochs", type=int, help="at most N >= 1 epochs (default: per phase)")
     hyper.add_argument("--max-steps", type=int,
-                       help="end the phase after N steps (validating and saving as at an "
-                       "epoch end)")
+                       help="end the phase after N >= 1 steps (validating and saving as at "
+                       "an epoch end)")
     hyper.add_argument("--patience", type=int,
-                       help="epochs without validation improvement before stopping")
-    hyper.add_argument("--batch-size", type=int, help="global batch, split over all devices")
-    hyper.add_argument("--max-len", type=int, help="token sequence length (LensToWords: 64)")
-    hyper.add_argument("--subset", type=int, help="train on a seeded subset of N images")
+                       help="N >= 1 epochs without validation improvement before stopping")
+    hyper.add_argument("--batch-size", type=int,
+                       help="global batch, split over all devices (a multiple of their number)")
+    hyper.add_argument("--max-len", type=int,
+                       help="token sequence length, 3 to what the model's positions hold "
+                       "(LensToWords: 64)")
+    hyper.add_argument("--subset", type=int, help="train on a seeded subset of N >= 1 images")
     hyper.add_argument("--loss", choices=("eos", "seed"), default="eos",
                        help="eos (default): also learn the end-of-caption token; seed: "
                        "LensToWords' loss, which ignores every 50256 target")
     hyper.add_argument("--seed", type=int, default=0,
-                       help="data order, dropout, fresh weights (default: 0)")
+                       help=f"data order, dropout, fresh weights: 0 to {SEED_MAX} (default: 0)")
     running = parser.add_argument_group("running")
-    running.add_argument("--resume", action="store_true", help="continue the run in --out")
-    running.add_argument("--force", action="store_true", help="clear --out and start over")
+    start = running.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from latest/ (removing what an "
+                       "interrupted write left there)")
+    start.add_argument("--force", action="store_true", help="clear --out and start over")
     running.add_argument("--strict", action="store_true",
                      help="images without features are an error, not skipped")
     running.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -845,12 +1065,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="gradient checkpointing of the GPT-2 blocks (default: on for "
                      "full-size presets)")
     running.add_argument("--log-every", type=int, default=50,
-                         help="steps per metrics.jsonl line (default: 50)")
+                         help="steps per metrics.jsonl line, >= 1 (default: 50)")
     running.add_argument("--save-every", type=int, default=500,
-                     help="steps between latest/ checkpoints, also saved at every epoch "
-                         "end (default: 500)")
+                     help="steps between latest/ checkpoints, >= 1; also saved at every "
+                         "epoch end (default: 500)")
     running.add_argument("--val-batches", type=int,
-                         help="validate on at most N batches (default: all)")
+                         help="validate on at most N >= 1 batches (default: all)")
     running.add_argument("--eval-images", type=int, default=500,
                      help="validation images captioned at the end of the phase (default: "
                          "500; 0: none)")
@@ -869,7 +1089,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The whole phase; -> the final run.json document. `argv` is recorded in run.json."""
+    """The whole phase; -> the final run.json document. `argv` is recorded in run.json.
+
+    Flags and --out are checked before any work starts. Raises TrainError (bad input),
+    NonFiniteLoss, Interrupted (Ctrl-C; the message says where the run stands).
+    """
+    from lensjax.files import OutputError, check_output
+
+    check_flags(args)
+    out = args.out or args.runs_dir / args.phase
+    try:
+        check_output(out, directory=True)
+    except OutputError as error:
+        raise TrainError(f"--out: {error}") from None
+    interrupts = InterruptGuard()
+    with interrupts.installed():
+        try:
+            trainer_run, start = prepare_run(args, RunFolder(out), interrupts)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted (Ctrl-C) before training started; {out} was not "
+                              "changed") from None
+        return train_phase(trainer_run, start, argv)
+
+
+def prepare_run(args: argparse.Namespace, folder: RunFolder, interrupts: InterruptGuard
+                ) -> tuple[PhaseRun, Start]:
+    """Everything before the first step: settings, data, model and initial weights, each
+    checked; nothing is written yet."""
     import jax
 
     if args.distributed:
@@ -879,57 +1125,90 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                                    num_processes=args.num_processes,
                                    process_id=args.process_id)
     phase = PHASES[args.phase]
+    settings = resolve_settings(args, phase, jax.device_count())
+    paths = data_paths(args, phase)
     init: dict[str, str] = {}
     for text in args.init or []:
         init.update(parse_assignments(text, "--init"))
-    folder = RunFolder(args.out or args.runs_dir / phase.name)
     store = Checkpoints()
     latest = folder.path / LATEST
     if args.resume and latest.is_dir():  # the model and its weights come from latest/
-        from lensjax.checkpoint import CheckpointError, read_metadata
-        from lensjax.models.captioner import CaptionerConfig
-
-        try:
-            cfg = CaptionerConfig.from_dict(read_metadata(latest)["config"])
-        except CheckpointError as error:
-            raise TrainError(f"cannot resume: {error}") from None
-        sources: dict[str, str | Path] = {}
+        cfg, sources = _resumed_config(latest), {}
     else:
         sources = resolve_sources(phase, init, args.runs_dir)
         cfg = model_config(phase, sources, args.preset, store)
-    settings = resolve_settings(args, phase, preset_is_full=cfg.gpt2.n_layer >= 12)
+    settings = fit_model(settings, cfg)
     if jax.process_index() == 0:
-        resume = folder.prepare(settings, args.resume, args.force, _say)
+        start = folder.prepare(settings, args.resume, args.force, _say)
     else:  # process 0 checks and clears the folder; the others only read it
-        resume = args.resume and (folder.path / LATEST).is_dir()
-    data = load_data(args, phase, settings)
-    if resume:  # the weights come from latest/
-        params, provenance = {}, folder.read_run()["init"]
+        start = Start(resume=args.resume and latest.is_dir(), clear=False)
+    data = load_data(paths, settings)
+    params: dict[str, np.ndarray] | Resumed
+    if start.resume:  # the weights come from latest/
+        params, provenance = read_latest(latest), (folder.read_run() or {}).get("init", {})
     else:
         params, provenance = initial_params(cfg, sources, args.seed, store, _say)
-    trainer_run = PhaseRun(args, phase, settings, cfg, params, provenance, data, folder)
+    trainer_run = PhaseRun(args, phase, settings, cfg, params, provenance, data, folder,
+                           interrupts)
+    return trainer_run, start
+
+
+def _resumed_config(latest: Path):
+    """The model configuration saved in `latest`."""
+    from lensjax.checkpoint import read_metadata
+    from lensjax.models.captioner import CaptionerConfig
+
+    try:
+        return CaptionerConfig.from_dict(read_metadata(latest)["config"])
+    except CheckpointError as error:
+        raise TrainError(f"cannot resume: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise TrainError(f"cannot resume: {latest} holds no valid model config ({error!r}); "
+                         "pass --force to start the run over") from None
+
+
+def train_phase(trainer_run: PhaseRun, start: Start, argv: Sequence[str] | None
+                ) -> dict[str, Any]:
+    """Write run.json, train, evaluate; run.json ends `done`, `failed` or `interrupted`."""
+    import jax
+
+    folder, settings, phase = trainer_run.folder, trainer_run.settings, trainer_run.phase
     document: dict[str, Any] = {
         "phase": phase.name, "summary": phase.summary, "settings": settings.to_dict(),
-        "init": provenance, "data": data.sources, "status": "running",
+        "init": trainer_run.provenance, "data": trainer_run.data.sources, "status": "running",
         "command": ["python", "-m", "lensjax.train", *(argv or [])],
         "devices": jax.device_count(), "processes": jax.process_count(),
     }
-    if trainer_run.main:
-        folder.write_run(document)
-    _say(f"phase {phase.name} ({phase.summary}): {len(trainer_run.batches)} steps per epoch "
-         f"of {settings.batch_size} on {jax.device_count()} device(s); training "
-         + ", ".join(f"{k} at {v:g}" for k, v in settings.learning_rates.items()))
+    trained = False
     try:
-        progress = trainer_run.run(resume)
-    except NonFiniteLoss as error:
-        document["status"] = f"stopped: {error}"
+        with trainer_run.interrupts.held():  # the folder is cleared or tidied whole
+            if trainer_run.main:
+                folder.begin(start, _say)
+                folder.write_run(document)
+        _say(f"phase {phase.name} ({phase.summary}): {len(trainer_run.batches)} steps per "
+             f"epoch of {settings.batch_size} on {jax.device_count()} device(s); training "
+             + ", ".join(f"{k} at {v:g}" for k, v in settings.learning_rates.items()))
+        progress = trainer_run.run(start.resume)
+        trained = True
+        document.update(status="done", step=progress.step, stopped_early=progress.stopped_early,
+                        best_val_loss=progress.best_val)
         if trainer_run.main:
-            folder.write_run(document)
-            folder.log({"event": "non-finite loss", "message": str(error)})
+            finish(trainer_run, document)
+    except KeyboardInterrupt:
+        trainer_run.interrupts.absorb()
+        record_stop(trainer_run, document, "interrupted", "Ctrl-C (SIGINT)")
+        raise Interrupted(interrupted_message(trainer_run, trained)) from None
+    except Exception as error:
+        trainer_run.interrupts.absorb()
+        record_stop(trainer_run, document, "failed", str(error) or type(error).__name__)
         raise
-    document["status"] = "stopped early" if progress.stopped_early else "finished"
-    document["best_val_loss"] = progress.best_val
-    if trainer_run.main and settings.eval_images > 0:
+    return document
+
+
+def finish(trainer_run: PhaseRun, document: dict[str, Any]) -> None:
+    """The end of a phase (process 0): evaluation, eval.json, loss.png, run.json `done`."""
+    folder, settings, phase = trainer_run.folder, trainer_run.settings, trainer_run.phase
+    if settings.eval_images > 0:
         report = trainer_run.evaluate()
         document["eval"] = {k: v for k, v in report.items() if k != "samples"}
         from lensjax.files import write_text_atomic
@@ -937,11 +1216,39 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         write_text_atomic(folder.path / "eval.json", json.dumps(report, indent=2))
         folder.log({"event": "eval", **document["eval"]})
         _say(format_report(phase.name, report))
-    if trainer_run.main:
-        if settings.plot:
-            plot_losses(folder.records(), folder.path / "loss.png", f"phase {phase.name}")
-        folder.write_run(document)
-    return document
+    if settings.plot:
+        plot_losses(folder.records(), folder.path / "loss.png", f"phase {phase.name}")
+    trainer_run.interrupts.check()  # a Ctrl-C that a library callback caught and dropped
+    folder.write_run(document)
+
+
+def record_stop(trainer_run: PhaseRun, document: dict[str, Any], status: str,
+                reason: str) -> None:
+    """run.json `failed` or `interrupted`, with the step reached, the step latest/ holds and
+    the reason; also a metrics.jsonl event. A write that fails too is left out, so that the
+    first error is the one reported."""
+    document.update(status=status, step=trainer_run.progress.step,
+                    saved_step=trainer_run.saved_step, reason=reason)
+    if trainer_run.main and trainer_run.folder.run_file.is_file():
+        with contextlib.suppress(OSError):
+            trainer_run.folder.write_run(document)
+            trainer_run.folder.log({"event": status, "step": trainer_run.progress.step,
+                                    "reason": reason})
+
+
+def interrupted_message(trainer_run: PhaseRun, trained: bool) -> str:
+    """Where an interrupted run stands, and how --resume continues it."""
+    latest, name = trainer_run.folder.path / LATEST, trainer_run.phase.name
+    if trained:
+        return (f"interrupted (Ctrl-C) in the end-of-phase evaluation of phase {name}; "
+                f"training is complete ({latest} holds step {trainer_run.saved_step}): the same "
+                "command with --resume runs the evaluation again")
+    where = f"interrupted (Ctrl-C) after step {trainer_run.progress.step} of phase {name}"
+    if trainer_run.saved_step is None:
+        return (where + ", before the first checkpoint: the same command with --resume starts "
+                "the phase again")
+    return (where + f"; {latest} holds step {trainer_run.saved_step}: the same command with "
+            "--resume continues from there")
 
 
 def format_report(phase: str, report: Mapping[str, Any]) -> str:
@@ -958,18 +1265,29 @@ def format_report(phase: str, report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _error(message: object, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; -> the exit status (0 done, 2 bad input, 3 non-finite loss, 130
+    interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         run(args, argv)
     except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except (TrainError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return _error(error, EXIT_NON_FINITE)
+    except Interrupted as error:
+        return _error(error, EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # before the run's own handler was installed
+        return _error("interrupted (Ctrl-C) before training started", EXIT_INTERRUPTED)
+    except (TrainError, CheckpointError, ValueError) as error:
+        return _error(error, EXIT_BAD_INPUT)
+    except OSError as error:
+        return _error(describe_os_error(error), EXIT_BAD_INPUT)
+    return EXIT_DONE
 
 
 if __name__ == "__main__":

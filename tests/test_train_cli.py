@@ -101,7 +101,7 @@ def test_seed_curriculum_at_tiny_size_chains_phases_and_freezes_what_the_phase_s
         "2c/best")
     assert run["settings"]["learning_rates"] == {"perceiver": 1e-5, "gpt2": 1e-5, "lm": 1e-5,
                                                  "xattn": 1e-5}
-    assert run["status"] == "finished" and not same(p2d, p2c, "gpt2.xattn.")
+    assert run["status"] == "done" and not same(p2d, p2c, "gpt2.xattn.")
     assert load_pretrained(runs / "2d" / "best").config.mode == "inject"
     # --resume takes the model from latest/, so it needs no earlier phase's output any more.
     import shutil
@@ -232,9 +232,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     err = capsys.readouterr().err
     assert code == 3 and ("became nan" in err or "became inf" in err)
     run = json.loads((out / "run.json").read_text())
-    assert run["status"].startswith("stopped: the training loss became")
+    assert run["status"] == "failed" and run["reason"].startswith("the training loss became")
     saved = json.loads((out / "latest" / "lensjax.json").read_text())["training"]["step"]
-    assert f"at step {saved + 1}" in err
+    assert f"at step {saved + 1}" in err and run["saved_step"] == saved == run["step"]
     params = load_pretrained(out / "latest").params
     assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
 

@@ -34,16 +34,22 @@ from lensjax.generate import (
 )
 from lensjax.models.captioner import Captioner, CaptionerConfig
 from lensjax.params import build_captioner, flat_params
+from lensjax.runtime import Layout, inference_module, resolve_dtype
 
 
 class CaptionModel:
     """A Captioner plus its metadata (components, provenance), with jitted entry points."""
 
-    def __init__(self, module: Captioner, metadata: Mapping[str, Any] | None = None):
-        self.module = module
+    def __init__(self, module: Captioner, metadata: Mapping[str, Any] | None = None, *,
+                 dtype: str = "float32", layout: Layout = "auto"):
+        """`dtype` "bfloat16" stores the decoder's matmul weights in bfloat16 (products
+        accumulate in float32; norms, softmax and the image encoder stay float32); `layout`
+        how they are laid out ("auto": the fastest for this backend, see `lensjax.runtime`)."""
+        self.dtype = resolve_dtype(dtype).name
+        self.module = inference_module(module, self.dtype, layout)
         self.config: CaptionerConfig = module.cfg
         self.metadata: dict[str, Any] = dict(metadata or {})
-        graphdef, self.state = nnx.split(module)
+        graphdef, self.state = nnx.split(self.module)
 
         def encode(state: nnx.State, images: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, state).encode(images)
@@ -59,13 +65,20 @@ class CaptionModel:
 
     @classmethod
     def from_params(
-        cls, cfg: CaptionerConfig, params: Mapping[str, np.ndarray], metadata: Mapping | None
+        cls, cfg: CaptionerConfig, params: Mapping[str, np.ndarray], metadata: Mapping | None,
+        *, dtype: str = "float32",
     ) -> CaptionModel:
-        return cls(build_captioner(cfg, params), metadata)
+        return cls(build_captioner(cfg, params), metadata, dtype=dtype)
+
+    def astype(self, dtype: str) -> CaptionModel:
+        """This model with its decoder weights stored in `dtype` ("float32" or "bfloat16").
+        Going to bfloat16 rounds the weights; going back does not restore the lost bits."""
+        return CaptionModel(self.module, self.metadata, dtype=dtype)
 
     @property
     def params(self) -> dict[str, jax.Array]:
-        """{dotted path: array} of every parameter."""
+        """{dotted path: array} of every parameter, kernels laid out (in, out) as in
+        checkpoints, in the dtype the model holds them."""
         return flat_params(self.module)
 
     def encode(self, images: np.ndarray | jax.Array) -> jax.Array:
@@ -268,13 +281,13 @@ class CaptionModel:
         return features
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a checkpoint directory that `load_pretrained` reads back."""
+        """Write a checkpoint directory that `load_pretrained` reads back (always float32)."""
         metadata = {
             **self.metadata,
             "config": self.config.to_dict(),
             "tokenizer": self.metadata.get("tokenizer", GPT2_TOKENIZER),
         }
-        params = {k: np.asarray(v) for k, v in self.params.items()}
+        params = {k: np.asarray(v, np.float32) for k, v in self.params.items()}
         return save_checkpoint(path, params, metadata, overwrite=overwrite)
 
 
@@ -295,11 +308,17 @@ def file_identity(path: str | os.PathLike) -> int:
     return row_identity(Path(path).read_bytes())
 
 
-def load_pretrained(path: str | os.PathLike) -> CaptionModel:
-    """Load a lensjax checkpoint directory (from `bridge import` or `CaptionModel.save`)."""
-    params, metadata = load_checkpoint(path)
+def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
+                    verify: bool = True) -> CaptionModel:
+    """Load a lensjax checkpoint directory (from `bridge import` or `CaptionModel.save`).
+
+    `dtype` "bfloat16" stores the decoder's weights in bfloat16 for faster decoding (see
+    `CaptionModel`); `verify` False skips the per-array checksums (about 0.5 s per GB).
+    """
+    dtype = resolve_dtype(dtype).name
+    params, metadata = load_checkpoint(path, verify=verify)
     cfg = CaptionerConfig.from_dict(metadata["config"])
-    return CaptionModel.from_params(cfg, params, metadata)
+    return CaptionModel.from_params(cfg, params, metadata, dtype=dtype)
 
 
 def build_model(

@@ -70,35 +70,49 @@ class _Prefix(NamedTuple):
     offset: int  # position of the first generated token
 
 
-def _prefill(model: Captioner, features: jax.Array, rows_per_image: int, max_new: int) -> _Prefix:
-    """Perceiver, cross-attention K/V and the BOS step; each image repeated `rows_per_image`."""
+def _prefill(model: Captioner, features: jax.Array, slots: int, max_new: int) -> _Prefix:
+    """Perceiver, cross-attention K/V and the BOS step for `slots` rows per image (beams)."""
     latents = model.resample(features)
-    rows = latents.shape[0] * rows_per_image
+    rows = latents.shape[0] * slots
     bos = jnp.full((rows, 1), EOS_ID, jnp.int32)
     gpt2 = model.gpt2
     if model.cfg.mode == "prepend":
-        x, cross_kv = gpt2.embed(bos, jnp.repeat(latents, rows_per_image, axis=0)), None
+        x, cross_kv = gpt2.embed(bos, jnp.repeat(latents, slots, axis=0)), None
     else:  # project the latents once per image, then share them among its beams
-        cross_kv = jax.tree.map(lambda a: jnp.repeat(a, rows_per_image, axis=0),
-                                gpt2.cross_kv(latents))
+        cross_kv = jax.tree.map(lambda a: jnp.repeat(a, slots, axis=0), gpt2.cross_kv(latents))
         x = gpt2.embed(bos)
-    cache = gpt2.init_cache(rows, x.shape[1] + max_new, x.dtype)
+    cache = gpt2.init_cache(latents.shape[0], x.shape[1] + max_new, x.dtype, slots)
     hidden, cache = gpt2.transform(x, cross_kv, position=0, cache=cache)
     return _Prefix(cache, cross_kv, gpt2.lm_logits(hidden[:, -1]), x.shape[1])
 
 
-def _step(model: Captioner, prefix: _Prefix, cache, tokens: jax.Array, position) -> tuple:
+def _step(model: Captioner, prefix: _Prefix, cache, tokens: jax.Array, position,
+          origin: jax.Array | None = None) -> tuple:
     """Feed one token per row (rows,) at `position` -> (logits (rows, vocab), cache)."""
     gpt2 = model.gpt2
     hidden, cache = gpt2.transform(gpt2.embed(tokens[:, None]), prefix.cross_kv,
-                                   position=position, cache=cache)
+                                   position=position, cache=cache, origin=origin)
     return gpt2.lm_logits(hidden[:, 0]), cache
 
 
 def _mask_stops(logits: jax.Array, step, min_new: int) -> jax.Array:
-    """Before `min_new` tokens, EOS and token 0 (both end a row) cannot be chosen."""
-    banned = jnp.zeros(logits.shape[-1], bool).at[EOS_ID].set(True).at[0].set(True)
-    return jnp.where((step < min_new) & banned, -jnp.inf, logits)
+    """Before `min_new` tokens, EOS and token 0 (both end a row) cannot be chosen. Only the
+    two columns are rewritten (in place), not the whole (rows, vocab) array."""
+    if min_new == 0:
+        return logits
+    early = step < min_new
+    for token in (0, EOS_ID):
+        logits = logits.at[:, token].set(jnp.where(early, -jnp.inf, logits[:, token]))
+    return logits
+
+
+def _top_log_probs(logits: jax.Array, k: int, step, min_new: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The k best log-probabilities of each row (EOS and 0 masked before `min_new` tokens,
+    after normalising, as LensToWords masks them) and their tokens, without materialising the
+    whole log-softmax: top-k of the logits minus their log-sum-exp. (rows, V) -> 2 x (rows, k)."""
+    values, tokens = lax.top_k(_mask_stops(logits, step, min_new), k)
+    return values - jax.nn.logsumexp(logits, axis=-1, keepdims=True), tokens
 
 
 class _SampleState(NamedTuple):
@@ -161,7 +175,8 @@ class _BeamState(NamedTuple):
     step: jax.Array
     tokens: jax.Array  # (B, W, max_new) live beams' tokens
     scores: jax.Array  # (B, W) summed log-probabilities
-    cache: list[KVCache]  # rows B*W
+    cache: list[KVCache]  # B images x W slots, never reordered
+    origin: jax.Array  # (B, W, positions): the slot that holds each beam's cached position
     logits: jax.Array  # (B*W, vocab)
     best_tokens: jax.Array  # (B, max_new) best completed sequence (EOS-padded)
     best_norm: jax.Array  # (B,) its normalised score, -inf if none
@@ -176,18 +191,24 @@ def beam_search(
     summed log-probability (equal lengths within a step); in rank order, a candidate ending
     in EOS is completed, the others fill the `width` live beams. At the end, the live beams
     join the completed ones and the best by score / len(seq) ** alpha wins, len counting BOS.
+
+    Beams live in fixed cache slots: a step writes each beam's keys and values into its own
+    slot, and a reorder only permutes the small `origin` table that tells each beam which
+    slot holds each of its earlier positions, never the caches themselves.
     """
     batch, width, max_new = features.shape[0], options.beam_width, options.max_new_tokens
     prefix = _prefill(model, features, width, max_new)
+    positions = prefix.offset + max_new
+    slots = jnp.arange(width, dtype=jnp.int32)
     # Only beam 0 exists at first; the others start at -inf so they propose nothing.
-    scores = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
+    scores = jnp.where(slots == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
 
     def choose(state: _BeamState) -> _BeamState:
         step = state.step
-        logp = jax.nn.log_softmax(state.logits, axis=-1)
-        logp = _mask_stops(logp, step, options.min_new_tokens).reshape(batch, width, -1)
-        top_logp, top_tokens = lax.top_k(logp, width)  # (B, W, W)
-        candidates = (state.scores[:, :, None] + top_logp).reshape(batch, width * width)
+        top_logp, top_tokens = _top_log_probs(state.logits, width, step,
+                                              options.min_new_tokens)  # (B*W, W)
+        candidates = (state.scores[:, :, None] + top_logp.reshape(batch, width, width)
+                      ).reshape(batch, width * width)
         ranked, order = lax.top_k(candidates, width * width)  # descending, ties by index
         tokens = top_tokens.reshape(batch, width * width)
         tokens = jnp.take_along_axis(tokens, order, axis=1)
@@ -210,24 +231,29 @@ def beam_search(
         best_norm = jnp.where(better, new_norm, state.best_norm)
 
         # The live beams, in rank order: their parent's history plus the new token.
-        slots = jnp.argsort(~live, axis=1, stable=True)[:, :width]
-        new_parents = jnp.take_along_axis(parents, slots, axis=1)
-        new_tokens = jnp.take_along_axis(tokens, slots, axis=1)
+        chosen = jnp.argsort(~live, axis=1, stable=True)[:, :width]
+        new_parents = jnp.take_along_axis(parents, chosen, axis=1)
+        new_tokens = jnp.take_along_axis(tokens, chosen, axis=1)
         history = jnp.take_along_axis(state.tokens, new_parents[:, :, None], axis=1)
         history = lax.dynamic_update_slice(history, new_tokens[:, :, None], (0, 0, step))
-        rows = (jnp.arange(batch)[:, None] * width + new_parents).reshape(-1)
-        cache = jax.tree.map(lambda c: c[rows], state.cache)
-        return _BeamState(step + 1, history, jnp.take_along_axis(ranked, slots, axis=1),
-                          cache, state.logits, best_tokens, best_norm)
+        origin = jnp.take_along_axis(state.origin, new_parents[:, :, None], axis=1)
+        return _BeamState(step + 1, history, jnp.take_along_axis(ranked, chosen, axis=1),
+                          state.cache, origin, state.logits, best_tokens, best_norm)
 
     def advance(state: _BeamState) -> _BeamState:
         last = state.tokens[:, :, state.step - 1].reshape(-1)
-        logits, cache = _step(model, prefix, state.cache, last, prefix.offset + state.step - 1)
-        return choose(state._replace(cache=cache, logits=logits))
+        position = prefix.offset + state.step - 1
+        # This step's keys and values go into each beam's own slot.
+        origin = lax.dynamic_update_slice(
+            state.origin, jnp.broadcast_to(slots[None, :, None], (batch, width, 1)),
+            (0, 0, position))
+        logits, cache = _step(model, prefix, state.cache, last, position, origin)
+        return choose(state._replace(cache=cache, origin=origin, logits=logits))
 
     state = choose(_BeamState(
         jnp.int32(0), jnp.full((batch, width, max_new), EOS_ID, jnp.int32), scores,
-        prefix.cache, prefix.logits, jnp.full((batch, max_new), EOS_ID, jnp.int32),
+        prefix.cache, jnp.broadcast_to(slots[None, :, None], (batch, width, positions)),
+        prefix.logits, jnp.full((batch, max_new), EOS_ID, jnp.int32),
         jnp.full((batch,), -jnp.inf),
     ))
     state = lax.while_loop(lambda s: s.step < max_new, advance, state)

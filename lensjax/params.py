@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.models.captioner import Captioner, CaptionerConfig
+from lensjax.models.layers import Linear
 
 ParamDict = dict[str, np.ndarray]
 
@@ -24,11 +25,15 @@ def path_str(path: tuple) -> str:
 
 
 def flat_params(module: nnx.Module) -> dict[str, jax.Array]:
-    """All `nnx.Param` leaves of `module` as {dotted path: array}."""
-    return {
-        path_str(k): v.get_raw_value()
-        for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
-    }
+    """All `nnx.Param` leaves of `module` as {dotted path: array}, kernels (in, out) even where
+    the module stores them transposed for inference (`lensjax.runtime`)."""
+    flat = {path_str(k): v.get_raw_value()
+            for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    for path, sub in module.iter_modules():
+        if isinstance(sub, Linear) and sub.transposed:
+            kernel = path_str((*path, "kernel"))
+            flat[kernel] = flat[kernel].T
+    return flat
 
 
 @functools.lru_cache(maxsize=8)

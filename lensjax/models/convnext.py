@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lensjax.models.layers import adaptive_avg_pool2d, gelu_exact, layer_norm
+from lensjax.models.layers import Linear, adaptive_avg_pool2d, gelu_exact, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,8 @@ class ConvNeXtMlp(nnx.Module):
     """timm `Mlp`: fc1, exact GELU, fc2."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+        self.fc1 = Linear(dim, hidden, rngs=rngs)
+        self.fc2 = Linear(hidden, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu_exact(self.fc1(x)))
@@ -158,7 +158,7 @@ class MultiScaleHead(nnx.Module):
 
     def __init__(self, cfg: HeadConfig, *, rngs: nnx.Rngs):
         self.pool_size = cfg.pool_size
-        self.projections = nnx.List([nnx.Linear(c, cfg.proj_dim, rngs=rngs) for c in cfg.in_dims])
+        self.projections = nnx.List([Linear(c, cfg.proj_dim, rngs=rngs) for c in cfg.in_dims])
         self.norm = layer_norm(cfg.out_dim, cfg.eps, rngs=rngs)
 
     def __call__(self, maps: Sequence[jax.Array]) -> jax.Array:

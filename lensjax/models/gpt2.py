@@ -24,6 +24,7 @@ from flax import nnx
 from jax import lax
 
 from lensjax.models.layers import (
+    Linear,
     MultiheadAttention,
     dot_product_attention,
     dropout,
@@ -68,30 +69,67 @@ class GPT2Config:
         return cls(n_positions=128, n_embd=64, n_layer=2, n_head=4, xattn_heads=4)
 
 
-def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> Linear:
+    return Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 class KVCache(NamedTuple):
-    """Self-attention cache of one layer: keys (B, H, D, max_len), values (B, H, max_len, D).
+    """Self-attention cache of one layer for B images with W slots each (W beams; 1 when
+    sampling): keys (B, H, D, W, max_len), values (B, H, W, max_len, D).
 
-    Laid out so that both attention products are plain batched matmuls over (B, H): no
-    per-step transpose of the whole cache.
+    Laid out so that both attention products are plain batched matmuls over (B, H) against all
+    W * max_len cached positions of an image: no per-step transpose of the cache, and beam
+    search never reorders it (each row reads its history through an origin table instead).
     """
 
     keys: jax.Array
     values: jax.Array
 
 
-def _cached_attention(q: jax.Array, cache: KVCache, position: jax.Array | int) -> jax.Array:
-    """q (B, T, H, D) at positions `position..` attending to the cache -> (B, T, H, D)."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    scores = jnp.einsum("bhtd,bhds->bhts", (q * scale).transpose(0, 2, 1, 3), cache.keys)
-    query_pos = position + jnp.arange(q.shape[1])
-    mask = jnp.arange(cache.keys.shape[-1])[None, :] <= query_pos[:, None]
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+def _cached_attention(q: jax.Array, cache: KVCache, position: jax.Array | int,
+                      origin: jax.Array | None) -> jax.Array:
+    """q (B*W, T, H, D) at positions `position..` attending to the cache -> (B*W, T, H, D).
+
+    Row v of an image reads cached position s from slot `origin[b, v, s]` (B, W, max_len);
+    origin None means every row reads its own slot.
+    """
+    batch, heads, dim, width, length = cache.keys.shape
+    steps = q.shape[1]
+    scale = 1.0 / jnp.sqrt(jnp.float32(dim))
+    # (B*W, T, H, D) -> (B, H, W*T, D): queries of all slots of an image, then their steps.
+    queries = (q * scale).reshape(batch, width, steps, heads, dim).transpose(0, 3, 1, 2, 4)
+    queries = queries.reshape(batch, heads, width * steps, dim)
+    keys = cache.keys.reshape(batch, heads, dim, width * length)
+    scores = jnp.einsum("bhqd,bhdn->bhqn", queries, keys).astype(jnp.float32)
+    query_pos = position + jnp.arange(steps)
+    visible = jnp.arange(length)[None, :] <= query_pos[:, None]  # (T, S)
+    if width == 1:
+        mask = visible[None, None]
+    else:  # (B, W_query, T, W_slot, S): causal and the slot that holds the row's history
+        if origin is None:
+            origin = jnp.broadcast_to(jnp.arange(width)[None, :, None], (batch, width, length))
+        own = origin[:, :, None, :] == jnp.arange(width)[None, None, :, None]  # (B, W, W, S)
+        mask = own[:, :, None] & visible[None, None, :, None, :]
+        mask = mask.reshape(batch, 1, width * steps, width * length)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(cache.values.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", weights, cache.values).transpose(0, 2, 1, 3)
+    values = cache.values.reshape(batch, heads, width * length, dim)
+    out = jnp.einsum("bhqn,bhnd->bhqd", weights, values)  # (B, H, W*T, D)
+    return out.reshape(batch, heads, width, steps, dim).transpose(0, 2, 3, 1, 4).reshape(
+        batch * width, steps, heads, dim)
+
+
+def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array, position) -> KVCache:
+    """Write k, v (B*W, T, H, D) at positions `position..` of every row's own slot."""
+    batch, heads, dim, width, _ = cache.keys.shape
+    steps = k.shape[1]
+    k = k.reshape(batch, width, steps, heads, dim).transpose(0, 3, 4, 1, 2)  # (B, H, D, W, T)
+    v = v.reshape(batch, width, steps, heads, dim).transpose(0, 3, 1, 2, 4)  # (B, H, W, T, D)
+    return KVCache(
+        lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, 0, 0, 0, position)),
+        lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype),
+                                 (0, 0, 0, position, 0)),
+    )
 
 
 class GPT2Attention(nnx.Module):
@@ -110,12 +148,14 @@ class GPT2Attention(nnx.Module):
         *,
         cache: KVCache | None = None,
         position: jax.Array | int = 0,
+        origin: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """x (B, T, n) -> (B, T, n), and the cache with this call's keys/values written.
 
         Without a cache, x is the whole sequence. With one, x holds positions
-        `position .. position+T-1` and attends to everything cached before them.
+        `position .. position+T-1` and attends to everything cached before them, through
+        `origin` (see `_cached_attention`).
         """
         q, k, v = (split_heads(t, self.num_heads) for t in jnp.split(self.c_attn(x), 3, -1))
         length = x.shape[1]
@@ -123,13 +163,8 @@ class GPT2Attention(nnx.Module):
             mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
             out = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_pdrop, rngs=rngs)
         else:
-            cache = KVCache(
-                lax.dynamic_update_slice(cache.keys, k.transpose(0, 2, 3, 1).astype(
-                    cache.keys.dtype), (0, 0, 0, position)),
-                lax.dynamic_update_slice(cache.values, v.transpose(0, 2, 1, 3).astype(
-                    cache.values.dtype), (0, 0, position, 0)),
-            )
-            out = _cached_attention(q, cache, position)
+            cache = _write_cache(cache, k, v, position)
+            out = _cached_attention(q, cache, position, origin)
         return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs), cache
 
 
@@ -160,9 +195,11 @@ class GPT2Block(nnx.Module):
         *,
         cache: KVCache | None = None,
         position: jax.Array | int = 0,
+        origin: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        out, cache = self.attn(self.ln_1(x), cache=cache, position=position, rngs=rngs)
+        out, cache = self.attn(self.ln_1(x), cache=cache, position=position, origin=origin,
+                               rngs=rngs)
         return x + out, cache
 
     def feed_forward(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -223,18 +260,23 @@ class GPT2Decoder(nnx.Module):
             return [self.xattn.project_kv(latents)]
         return [block.project_kv(latents) for block in self.xattn]
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
-        """Empty self-attention caches for `max_len` positions, one per layer."""
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, slots: int = 1
+                   ) -> list[KVCache]:
+        """Empty self-attention caches for `batch` images with `slots` rows each (beams) and
+        `max_len` positions, one per layer."""
         if max_len > self.cfg.n_positions:
             raise ValueError(f"{max_len} positions exceed n_positions={self.cfg.n_positions}")
         heads, head_dim = self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
-        return [KVCache(jnp.zeros((batch, heads, head_dim, max_len), dtype),
-                        jnp.zeros((batch, heads, max_len, head_dim), dtype))
+        return [KVCache(jnp.zeros((batch, heads, head_dim, slots, max_len), dtype),
+                        jnp.zeros((batch, heads, slots, max_len, head_dim), dtype))
                 for _ in range(self.cfg.n_layer)]
 
     def embed(self, input_ids: jax.Array, latents: jax.Array | None = None) -> jax.Array:
-        """Token embeddings (B, T, n); in prepend mode pass `latents` to put them first."""
-        x = self.wte(input_ids)
+        """Token embeddings (B, T, n); in prepend mode pass `latents` to put them first.
+
+        They take the dtype of the position table: `wte` may be stored in bfloat16 for
+        inference (`lensjax.runtime`) while the residual stream stays float32."""
+        x = self.wte(input_ids).astype(self.wpe.embedding.dtype)
         if latents is not None:
             x = jnp.concatenate([latents.astype(x.dtype), x], axis=1)
         return x
@@ -246,14 +288,16 @@ class GPT2Decoder(nnx.Module):
         *,
         position: jax.Array | int = 0,
         cache: list[KVCache] | None = None,
+        origin: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
         remat: bool = False,
     ) -> tuple[jax.Array, list[KVCache] | None]:
         """Embeddings x (B, T, n) at `position..` -> (final hidden states, updated caches).
 
-        `cross_kv` None means no cross-attention (prepend mode). `remat` recomputes each
-        block in the backward pass instead of storing its activations (training only; not
-        with a cache).
+        `cross_kv` None means no cross-attention (prepend mode). With a cache of W slots per
+        image, `origin` (B, W, max_len) says which slot holds each row's history (beam
+        search). `remat` recomputes each block in the backward pass instead of storing its
+        activations (training only; not with a cache).
         """
         length = x.shape[1]
         if cache is None and length > self.cfg.n_positions:
@@ -272,7 +316,7 @@ class GPT2Decoder(nnx.Module):
                 x = self._remat_layer(layer, x, kv, key)
                 continue
             x, layer_cache = self._layer(layer, x, kv, key, None if cache is None
-                                         else cache[layer], position)
+                                         else cache[layer], position, origin)
             new_cache.append(layer_cache)
         return self.ln_f(x), None if cache is None else new_cache
 
@@ -284,11 +328,13 @@ class GPT2Decoder(nnx.Module):
         key: jax.Array | None,
         cache: KVCache | None = None,
         position: jax.Array | int = 0,
+        origin: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Block `layer` with its cross-attention: x (B, T, n) -> (B, T, n), its cache."""
         rngs = None if key is None else nnx.Rngs(dropout=key)
         block, shared = self.h[layer], isinstance(self.xattn, SharedCrossAttention)
-        x, cache = block.self_attention(x, cache=cache, position=position, rngs=rngs)
+        x, cache = block.self_attention(x, cache=cache, position=position, origin=origin,
+                                        rngs=rngs)
         if kv is not None and not shared:
             x = self.xattn[layer](x, kv)
         x = block.feed_forward(x, rngs=rngs)
@@ -309,8 +355,13 @@ class GPT2Decoder(nnx.Module):
         return run(state, x, kv, key)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
-        """Final hidden states (B, T, n) -> float32 logits (B, T, vocab), tied to wte."""
-        return self.wte.attend(hidden).astype(jnp.float32)
+        """Final hidden states (B, T, n) -> float32 logits (B, T, vocab), tied to wte.
+
+        `wte` is (vocab, n), so the product reads it as the (out, in) weight it already is."""
+        wte = self.wte.embedding[...]
+        return lax.dot_general(hidden.astype(wte.dtype), wte,
+                               (((hidden.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
     def __call__(
         self,

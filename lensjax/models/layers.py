@@ -1,5 +1,7 @@
 """Building blocks shared by the model families, each matching its PyTorch counterpart.
 
+- `Linear`: `nnx.Linear` whose kernel can be stored transposed and in another dtype for fast
+  inference (`set_storage`); checkpoints always see the (in, out) float32 kernel.
 - `MultiheadAttention`: `torch.nn.MultiheadAttention(batch_first=True)` with the packed
   `in_proj_weight` split into separate `q`, `k`, `v` Linear layers (the bridge packs/unpacks).
 - `layer_norm`: LayerNorm with an explicit epsilon and the exact (two-pass) variance.
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 
 def layer_norm(num_features: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -63,6 +66,35 @@ def dot_product_attention(
     return jnp.einsum("bhts,bshd->bthd", weights, v)
 
 
+class Linear(nnx.Linear):
+    """`nnx.Linear` (params `kernel` (in, out), `bias` (out,)) whose kernel may be stored
+    transposed, (out, in), and in a lower precision, for inference speed (`set_storage`).
+
+    The input is cast to the kernel's dtype for the product, which accumulates and returns in
+    the input's dtype: with a bfloat16 kernel and float32 activations only the weights shrink.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.transposed = False
+
+    def set_storage(self, *, transposed: bool, dtype: jnp.dtype) -> None:
+        """Store the kernel as (out, in) when `transposed`, else (in, out), in `dtype`."""
+        kernel = self.kernel[...]
+        if transposed != self.transposed:
+            kernel = kernel.T
+        self.kernel = nnx.Param(jnp.asarray(kernel, dtype))
+        self.transposed = transposed
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., in) -> (..., out), in x's dtype."""
+        kernel = self.kernel[...]
+        contract = ((x.ndim - 1,), (1 if self.transposed else 0,))
+        y = lax.dot_general(x.astype(kernel.dtype), kernel, (contract, ((), ())),
+                            preferred_element_type=x.dtype)
+        return y + self.bias[...].astype(y.dtype)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """(B, T, H*D) -> (B, T, H, D)."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -84,10 +116,10 @@ class MultiheadAttention(nnx.Module):
             raise ValueError(f"attention dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
-        self.q = nnx.Linear(dim, dim, rngs=rngs)
-        self.k = nnx.Linear(dim, dim, rngs=rngs)
-        self.v = nnx.Linear(dim, dim, rngs=rngs)
-        self.out = nnx.Linear(dim, dim, rngs=rngs)
+        self.q = Linear(dim, dim, rngs=rngs)
+        self.k = Linear(dim, dim, rngs=rngs)
+        self.v = Linear(dim, dim, rngs=rngs)
+        self.out = Linear(dim, dim, rngs=rngs)
 
     def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of `context` (B, S, dim) -> two (B, S, H, D) arrays.

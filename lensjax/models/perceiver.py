@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lensjax.models.layers import MultiheadAttention, dropout, gelu_exact, layer_norm
+from lensjax.models.layers import Linear, MultiheadAttention, dropout, gelu_exact, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,8 @@ class TransformerEncoderLayer(nnx.Module):
         self.self_attn = MultiheadAttention(
             cfg.dim, cfg.num_heads, dropout_rate=cfg.dropout, rngs=rngs
         )
-        self.linear1 = nnx.Linear(cfg.dim, cfg.ff_dim, rngs=rngs)
-        self.linear2 = nnx.Linear(cfg.ff_dim, cfg.dim, rngs=rngs)
+        self.linear1 = Linear(cfg.dim, cfg.ff_dim, rngs=rngs)
+        self.linear2 = Linear(cfg.ff_dim, cfg.dim, rngs=rngs)
         self.norm1 = layer_norm(cfg.dim, cfg.eps, rngs=rngs)
         self.norm2 = layer_norm(cfg.dim, cfg.eps, rngs=rngs)
 
@@ -78,7 +78,7 @@ class Perceiver(nnx.Module):
     """The trained (notebook) Perceiver. (B, S, in_dim) -> (B, num_latents, dim)."""
 
     def __init__(self, cfg: PerceiverConfig, *, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(cfg.in_dim, cfg.dim, rngs=rngs)
+        self.linear = Linear(cfg.in_dim, cfg.dim, rngs=rngs)
         self.latents = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_latents, cfg.dim)))
         self.cross_attn = MultiheadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
         self.self_attn = nnx.List(
@@ -98,11 +98,11 @@ class SrcPerceiver(nnx.Module):
 
     def __init__(self, cfg: PerceiverConfig, *, rngs: nnx.Rngs):
         self.latents = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_latents, cfg.dim)))
-        self.img_proj = nnx.Linear(cfg.in_dim, cfg.dim, rngs=rngs)
+        self.img_proj = Linear(cfg.in_dim, cfg.dim, rngs=rngs)
         self.cross_attn = MultiheadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
         self.norm1 = layer_norm(cfg.dim, cfg.eps, rngs=rngs)
-        self.ff_in = nnx.Linear(cfg.dim, cfg.ff_dim, rngs=rngs)
-        self.ff_out = nnx.Linear(cfg.ff_dim, cfg.dim, rngs=rngs)
+        self.ff_in = Linear(cfg.dim, cfg.ff_dim, rngs=rngs)
+        self.ff_out = Linear(cfg.ff_dim, cfg.dim, rngs=rngs)
         self.norm2 = layer_norm(cfg.dim, cfg.eps, rngs=rngs)
 
     def __call__(self, features: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

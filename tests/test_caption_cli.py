@@ -14,8 +14,9 @@ from flax import nnx
 from PIL import Image
 
 from lensjax import Captioner, CaptionerConfig, CaptionModel
+from lensjax.caption import decoding_options, parse_args
 from lensjax.caption import main as caption_cli
-from lensjax.data.images import ImageError
+from lensjax.data.images import ImageError, escape_text
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,8 @@ def _folder(tmp_path, good=3):
     (folder / "text.jpg").write_text("hello")
     Image.new("1", (20000, 10000)).save(folder / "bomb.png")
     os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
+    os.mkfifo(folder / "pipe.png")  # never opened: it would block forever
+    (folder / "folder.jpg").mkdir()
     return folder
 
 
@@ -64,10 +67,45 @@ def test_folder_with_bad_files_captions_every_good_one(checkpoint, tmp_path, cap
                                                              "good2.jpg"]
     assert all(isinstance(r["caption"], str) for r in rows)
     err = capsys.readouterr().err
-    for name in ("truncated.jpg", "empty.png", "text.jpg", "bomb.png", "dangling.jpg"):
+    for name in ("truncated.jpg", "empty.png", "text.jpg", "bomb.png", "dangling.jpg",
+                 "pipe.png", "folder.jpg"):
         assert f"skipped: {folder / name}" in err
-    assert "5 skipped" in err
+    assert "7 skipped" in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_odd_file_names_are_written_whole_and_printed_one_line_each(checkpoint, tmp_path,
+                                                                    capsys):
+    """Issue items 7 and 11: a file name that is not UTF-8 (bytes b'caf\\xe9.png') aborted a
+    run with --out x.csv and lost every caption; a TAB or newline in a name split its
+    printed line."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [os.fsdecode(b"caf\xe9.png"), "tab\there.png", "new\nline.png"]
+    for index, name in enumerate(names):
+        Image.fromarray(np.full((50, 70, 3), 60 * index, np.uint8)).save(folder / name, "PNG")
+    args = [str(folder), "--weights", str(checkpoint), "--max-new-tokens", "5",
+            "--batch-size", "2"]
+    out = tmp_path / "x.csv"
+    assert caption_cli([*args, "--out", str(out)]) == 0
+    note = f"1 file name(s) are not UTF-8 ({escape_text(str(folder / names[0]))})"
+    assert note in capsys.readouterr().err
+    with open(out, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    assert sorted(os.fsencode(image) for image, _ in rows) == sorted(
+        os.fsencode(folder / name) for name in names)
+    assert caption_cli(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(
+        escape_text(str(folder / name)) for name in names)
+    assert {line.split("\t")[1] for line in lines} == {escape_text(c) for _, c in rows}
+
+
+def test_temperature_zero_decodes_greedily():
+    """Issue item 4: --temp 0 divided the logits by zero; it now means greedy decoding."""
+    assert decoding_options(parse_args(["x.jpg", "--temp", "0"]))["method"] == "greedy"
+    assert decoding_options(parse_args(["x.jpg", "--temp", "0", "--beam"]))["method"] == "beam"
+    assert decoding_options(parse_args(["x.jpg"]))["method"] == "topk"
 
 
 def test_lenstowords_demo_flags_and_csv_output(checkpoint, tmp_path):

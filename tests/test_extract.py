@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -64,8 +63,10 @@ def test_cli_exit_status_and_skips_on_rerun(tiny_checkpoint, tmp_path, capsys):
     assert extract_cli(args) == 0
     assert "3 of 3 images already in" in capsys.readouterr().out
     (tmp_path / "images" / "bad.jpg").write_text("nope")
+    os.mkfifo(tmp_path / "images" / "pipe.png")  # never opened: it would block forever
     assert extract_cli(args) == 1
-    assert "bad.jpg: not an image file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.jpg: not an image file" in err and "pipe.png: a FIFO (named pipe)" in err
 
 
 def test_duplicate_file_names_are_refused(tiny_checkpoint, tmp_path, capsys):
@@ -88,35 +89,40 @@ def test_checkpoint_without_encoder_is_refused(tmp_path, capsys):
     assert "no image encoder" in capsys.readouterr().err
 
 
+# Runs the CLI and SIGKILLs its own process right after the second commit of the cache.
+KILLED_AFTER_TWO_COMMITS = """
+import os, signal, sys
+from lensjax.data.cache import FeatureCacheWriter
+from lensjax.extract import main
+
+commit, commits = FeatureCacheWriter.commit, []
+
+def commit_then_die(self):
+    commit(self)
+    commits.append(1)
+    if len(commits) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+FeatureCacheWriter.commit = commit_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill_during_extraction_then_resume_loses_and_duplicates_nothing(tiny_checkpoint,
                                                                         tmp_path):
-    """The run blocks on a FIFO in the middle of its inputs after committing the files before
-    it; it is killed there with SIGKILL, and a rerun completes the cache."""
+    """The run is killed with SIGKILL right after its second commit (4 images, in batches of
+    2 committed every 2); a rerun of the same command completes the cache."""
     checkpoint, model = tiny_checkpoint
     paths = _images(tmp_path / "images", 9)
-    fifo = tmp_path / "images" / "0004.png"
-    fifo.unlink()
-    os.mkfifo(fifo)
-    command = [sys.executable, "-m", "lensjax.extract", *map(str, paths), "--weights",
-               str(checkpoint), "--out", str(tmp_path / "cache"), "--shards", "3",
-               "--batch-size", "2", "--commit-every", "2", "--threads", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    committed = 0
-    while time.time() < deadline and committed < 4:
-        time.sleep(0.2)
-        if (tmp_path / "cache").exists():
-            try:
-                with FeatureCache(tmp_path / "cache") as cache:
-                    committed = len(cache)
-            except (FileNotFoundError, ValueError):
-                committed = 0
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert committed == 4, "the run should have committed the 4 images before the FIFO"
-    fifo.unlink()
-    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(fifo)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    args = [*map(str, paths), "--weights", str(checkpoint), "--out", str(tmp_path / "cache"),
+            "--shards", "3", "--batch-size", "2", "--commit-every", "2", "--threads", "2"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_COMMITS, *args],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with FeatureCache(tmp_path / "cache") as cache:
+        assert sorted(cache.keys()) == [p.name for p in paths[:4]]
+    result = subprocess.run([sys.executable, "-m", "lensjax.extract", *args],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "4 of 9 images already in" in result.stdout
     with FeatureCache(tmp_path / "cache") as cache:

@@ -1,5 +1,9 @@
 """Image loading: identical to LensToWords' torchvision preprocessing, robust to odd files."""
 
+import os
+import socket
+import threading
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,6 +11,7 @@ from torchvision import transforms
 
 from lensjax.data.images import (
     ImageError,
+    escape_text,
     find_images,
     load_image,
     load_images_in_background,
@@ -89,7 +94,7 @@ def _bad_files(tmp_path):
     ("notes.jpg", "not an image file"),
     ("random.png", "not an image file"),
     ("bomb.png", "decompression bomb"),
-    ("missing.jpg", "cannot be decoded"),
+    ("missing.jpg", "cannot be read"),
 ])
 def test_bad_files_raise_image_error_naming_file(tmp_path, name, reason):
     _bad_files(tmp_path)
@@ -114,10 +119,96 @@ def test_find_images_files_folders_and_globs(tmp_path):
     for name in ("b.jpg", "a.png", "notes.txt", "sub/c.webp"):
         _photo(32, 32).save(tmp_path / name, format="PNG") if not name.endswith(
             ".txt") else (tmp_path / name).write_text("x")
-    assert [p.name for p in find_images([tmp_path])] == ["a.png", "b.jpg"]
-    assert [p.name for p in find_images([tmp_path], recursive=True)] == ["a.png", "b.jpg",
-                                                                        "c.webp"]
-    assert [p.name for p in find_images([str(tmp_path / "*.jpg")])] == ["b.jpg"]
-    assert [p.name for p in find_images([tmp_path / "notes.txt"])] == ["notes.txt"]
+    assert [p.name for p in find_images([tmp_path]).paths] == ["a.png", "b.jpg"]
+    assert [p.name for p in find_images([tmp_path], recursive=True).paths] == [
+        "a.png", "b.jpg", "c.webp"]
+    assert [p.name for p in find_images([str(tmp_path / "*.jpg")]).paths] == ["b.jpg"]
+    assert [p.name for p in find_images([str(tmp_path / "**/*.webp")], recursive=True).paths
+            ] == ["c.webp"]
+    assert [p.name for p in find_images([tmp_path / "notes.txt"]).paths] == ["notes.txt"]
     with pytest.raises(FileNotFoundError, match="no file matches"):
         find_images([str(tmp_path / "*.tiff")])
+
+
+def _in_a_thread(function, timeout=10.0):
+    """function() in a daemon thread -> its result, or its exception raised here; fails
+    (instead of hanging) after `timeout` seconds."""
+    outcome = []
+
+    def call():
+        try:
+            outcome.append((True, function()))
+        except Exception as error:
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still blocked after {timeout:.0f}s"
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def test_non_regular_files_are_skipped_without_being_opened(tmp_path):
+    """Issue item 1: a FIFO named *.png blocked the whole run in open(); only regular files
+    are images, the rest are named as skipped, whether found in a folder or named."""
+    _photo(32, 32).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.jpg").mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "socket.jpg"))
+        found = _in_a_thread(lambda: find_images([tmp_path]))
+        named = _in_a_thread(lambda: find_images([tmp_path / "pipe.png", "/dev/null"]))
+    assert [p.name for p in found.paths] == ["good.png"]
+    assert [str(e) for e in found.skipped] == [
+        f"{tmp_path / 'folder.jpg'}: a folder, not an image file; skipped without opening it",
+        f"{tmp_path / 'pipe.png'}: a FIFO (named pipe), not an image file; skipped without "
+        "opening it",
+        f"{tmp_path / 'socket.jpg'}: a socket, not an image file; skipped without opening it"]
+    assert named.paths == [] and "a character device" in str(named.skipped[1])
+    with pytest.raises(ImageError, match="pipe.png: a FIFO"):
+        _in_a_thread(lambda: load_image(tmp_path / "pipe.png"))
+    results = _in_a_thread(lambda: list(load_images_in_background(
+        [tmp_path / "pipe.png", tmp_path / "good.png"], threads=1)))
+    assert isinstance(results[0][1], ImageError) and results[1][1].shape == (224, 224, 3)
+
+
+def test_symlink_loops_and_repeated_inputs_give_each_file_once(tmp_path):
+    """Issue item 8: a recursive glob through a link loop returned one file 41 times; inputs
+    are deduplicated by real path (the first path given is kept) and loops end."""
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    _photo(32, 32).save(photos / "a.png")
+    _photo(32, 32).save(photos / "sub" / "b.png")
+    os.symlink(photos, photos / "sub" / "loop")  # one loop: glob.glob went 40 levels deep
+    os.symlink(photos / "a.png", photos / "link.png")
+    pattern = str(photos / "**" / "*.png")
+    assert find_images([pattern], recursive=True).paths == [photos / "a.png",
+                                                             photos / "sub" / "b.png"]
+    assert find_images([photos], recursive=True).paths == [photos / "a.png",
+                                                           photos / "sub" / "b.png"]
+    assert find_images([photos / "link.png", photos, photos / "a.png"]).paths == [
+        photos / "link.png"]
+
+
+def test_background_threads_never_keep_the_process_alive(tmp_path):
+    """Issue item 9: decoding threads are daemons, and stop when the consumer stops early."""
+    _photo(32, 32).save(tmp_path / "a.png")
+    before = set(threading.enumerate())
+    loader = load_images_in_background([tmp_path / "a.png"] * 8, threads=3, prefetch=2)
+    next(loader)
+    started = [t for t in threading.enumerate() if t not in before]
+    assert len(started) == 3 and all(thread.daemon for thread in started)
+    loader.close()
+    for thread in started:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in started)
+
+
+def test_escape_text_keeps_one_line_per_value():
+    """Issue item 11: a TAB or newline in a file name split a printed line in two."""
+    name = os.fsdecode(b"caf\xe9 a\tb\nc\\d\r\x1b\xe2\x80\xa8\xc3\xa9.png")
+    assert escape_text(name) == "caf\\xe9 a\\tb\\nc\\\\d\\r\\x1b\\u2028\u00e9.png"
+    assert escape_text("a dog on the grass") == "a dog on the grass"

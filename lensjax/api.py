@@ -19,7 +19,7 @@ from flax import nnx
 
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint, save_checkpoint
 from lensjax.checks import SEED_MAX, check_bool, check_int, check_real
-from lensjax.data.images import load_image
+from lensjax.data.images import load_image, read_file_bytes
 from lensjax.data.tokenizer import GPT2Tokenizer
 from lensjax.generate import (
     DecodeOptions,
@@ -304,8 +304,9 @@ def _check_finite(name: str, array: np.ndarray) -> None:
 
 
 def file_identity(path: str | os.PathLike) -> int:
-    """`row_identity` of a file's bytes: its captions' sampling keys derive from it."""
-    return row_identity(Path(path).read_bytes())
+    """`row_identity` of a file's bytes: its captions' sampling keys derive from it. Only a
+    regular file is read (ImageError otherwise, as for decoding)."""
+    return row_identity(read_file_bytes(path))
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",

@@ -10,36 +10,33 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from tqdm import tqdm
 
-from lensjax.api import CaptionModel, load_pretrained
+from lensjax.api import CaptionModel, file_identity, load_pretrained
 from lensjax.checkpoint import CheckpointError
+from lensjax.cli import EXIT_INTERRUPTED, SEED_MAX, CliParser, finite_float, int_in
 from lensjax.data.images import (
     ImageError,
     display_name,
     escape_text,
     find_images,
     load_images_in_background,
-    read_file_bytes,
 )
 from lensjax.files import check_output, temporary_sibling
-from lensjax.generate import row_identity
 from lensjax.models.captioner import MissingComponentError
+from lensjax.runtime import DTYPES
 
 DEFAULT_WEIGHTS = Path("weights/v3b")
 CACHE_ENV = "LENSJAX_CACHE_DIR"
-SEED_MAX = 2**63 - 1
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
-EXIT_INTERRUPTED = 130
 
 EPILOG = """\
 examples:
@@ -70,46 +67,6 @@ captioned; 2 nothing captioned, or a bad argument, checkpoint or output location
 programs are cached on disk (in $LENSJAX_CACHE_DIR, default ~/.cache/lensjax/jax), so later
 runs start fast.
 """
-
-
-class CliParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors end in one `error: ...` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
-
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """argparse `type=`: an integer in low..high (no upper bound when `high` is None)."""
-    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
-        return value
-
-    return parse
-
-
-def finite_float(low: float | None = None) -> Callable[[str], float]:
-    """argparse `type=`: a finite float (>= `low` when given)."""
-    allowed = "a finite number" + ("" if low is None else f" >= {low:g}")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if not math.isfinite(value) or (low is not None and value < low):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
-        return value
-
-    return parse
 
 
 def _parser() -> CliParser:
@@ -147,6 +104,11 @@ def _parser() -> CliParser:
                         help="images per batch, >= 1 (default 32)")
     parser.add_argument("--threads", type=int_in(1), default=4,
                         help="image decoding threads, >= 1 (default 4)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="storage of the decoder's weights: bfloat16 halves the bytes each "
+                        "step reads (products accumulate in float32; captions can differ "
+                        "slightly); it pays where the processor has bfloat16 units "
+                        "(default float32)")
     parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     parser.add_argument("--out", type=Path,
                         help="write captions to a .jsonl or .csv file (default: print them)")
@@ -189,9 +151,10 @@ def enable_compilation_cache() -> Path:
     return directory
 
 
-def load_encoding_model(weights: Path) -> CaptionModel:
-    """`load_pretrained(weights)`, checked to have an image encoder; errors name `weights`."""
-    model = load_pretrained(weights)
+def load_encoding_model(weights: Path, dtype: str = "float32") -> CaptionModel:
+    """`load_pretrained(weights, dtype=dtype)`, checked to have an image encoder; errors name
+    `weights`."""
+    model = load_pretrained(weights, dtype=dtype)
     try:
         model.module.check_can_encode()
     except MissingComponentError as error:
@@ -272,7 +235,7 @@ def _batches(
     failures: list[ImageError],
 ) -> Iterator[tuple[list[Path], np.ndarray, list[int]]]:
     """Groups of up to `batch_size` (paths, decoded images (B, H, W, 3), identities): an
-    identity is `row_identity` of the file's bytes, as `CaptionModel.caption` derives its
+    identity is `file_identity` (of the file's bytes), as `CaptionModel.caption` derives its
     sampling keys. Bad files go to `failures`."""
     batch_paths: list[Path] = []
     batch_images: list[np.ndarray] = []
@@ -282,7 +245,7 @@ def _batches(
     for path, image in loader:
         if not isinstance(image, ImageError):
             try:
-                identity = row_identity(read_file_bytes(path))
+                identity = file_identity(path)
             except ImageError as error:  # gone or replaced since it was decoded
                 image = error
         if isinstance(image, ImageError):
@@ -330,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     if not found.paths:
         return _nothing_captioned(found.skipped, args.out, existed)
     enable_compilation_cache()
-    model = load_encoding_model(args.weights)
+    model = load_encoding_model(args.weights, args.dtype)
     options = decoding_options(args)
     failures = list(found.skipped)
     writer = CaptionWriter(args.out)

@@ -24,38 +24,28 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
+from lensjax.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    SEED_MAX,
+    CliParser,
+    describe_os_error,
+)
 from lensjax.data.captions import read_utf8_text
 from lensjax.files import write_text_atomic
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
-SEED_MAX = 2**63 - 1
 # Exit statuses (also in --help).
-EXIT_DONE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 SPLITS = ("all", "train", "val")  # of the flickr, coco and instagram formats
 
 
 class EvaluationError(ValueError):
     """Predictions or references cannot be scored as given."""
-
-
-class CliParser(argparse.ArgumentParser):
-    """argparse whose usage errors read like the command's other errors: the usage, then one
-    `error: ...` line; exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
-
-
-def describe_os_error(error: OSError) -> str:
-    """An OSError as one line naming its file: `PATH: reason`."""
-    if error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
 
 
 def seed_tokens(text: str) -> list[str]:

@@ -24,8 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from lensjax.api import CaptionModel
-from lensjax.caption import EXIT_INTERRUPTED, CliParser, int_in, load_encoding_model
+from lensjax.caption import load_encoding_model
 from lensjax.checkpoint import CheckpointError
+from lensjax.cli import EXIT_INTERRUPTED, CliParser, int_in
 from lensjax.data.cache import FeatureCache
 from lensjax.data.images import (
     ImageError,

@@ -19,7 +19,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     reader sees the old file or the whole new one, never a part."""
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -38,7 +38,15 @@ from typing import Any
 import numpy as np
 
 from lensjax.checkpoint import CheckpointError
-from lensjax.evaluate import SEED_MAX, CliParser, describe_os_error
+from lensjax.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_NON_FINITE,
+    SEED_MAX,
+    CliParser,
+    describe_os_error,
+)
 from lensjax.phases import DATASETS, FRESH, INIT_GROUPS, PHASES, PRETRAINED_GPT2, Phase, phase_table
 
 # Default data locations per data set: (caption sources, validation source, feature caches).
@@ -63,7 +71,6 @@ INT_FLAGS: Mapping[str, tuple[int, int | None]] = MappingProxyType({
     "eval_images": (0, None), "num_processes": (1, None), "process_id": (0, None),
 })
 # Exit statuses (also in --help).
-EXIT_DONE, EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED = 0, 2, 3, 130
 # Hidden write-then-rename siblings (lensjax.files.temporary_sibling): `.NAME.tmp-xxxxxxxx`
 # is never complete; `.NAME.old-xxxxxxxx` is the previous NAME while it is being replaced.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")

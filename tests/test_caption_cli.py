@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+import lensjax
 from lensjax import Captioner, CaptionerConfig, CaptionModel
 from lensjax.caption import decoding_options, parse_args
 from lensjax.caption import main as caption_cli
@@ -130,6 +131,18 @@ def test_printed_captions_equal_the_python_api(checkpoint, tmp_path, capsys):
     printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
     model = CaptionModel(Captioner(CaptionerConfig.from_preset("tiny"), rngs=nnx.Rngs(1)))
     expected = model.caption(paths, seed=5, max_new_tokens=6)
+    assert [printed[str(p)] for p in paths] == expected
+
+
+def test_dtype_bfloat16_captions_with_bfloat16_weights(checkpoint, tmp_path, capsys):
+    folder = _folder(tmp_path, good=2)
+    paths = sorted(folder.glob("good*.jpg"))
+    assert caption_cli([*map(str, paths), "--weights", str(checkpoint), "--dtype", "bfloat16",
+                        "--greedy", "--max-new-tokens", "5"]) == 0
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    model = lensjax.load_pretrained(checkpoint, dtype="bfloat16")
+    assert model.dtype == "bfloat16"
+    expected = model.caption(paths, method="greedy", max_new_tokens=5)
     assert [printed[str(p)] for p in paths] == expected
 
 

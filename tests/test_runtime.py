@@ -82,7 +82,7 @@ def test_bfloat16_greedy_captions_of_a_trained_model_equal_float32_on_95_percent
     trainer = Trainer(cfg, {"perceiver": 3e-3, "gpt2": 3e-3, "xattn": 3e-3, "lm": 3e-3})
     state = trainer.init(params)
     train = 512
-    for step in range(160):
+    for _ in range(160):
         rows = rng.choice(train, 32, replace=False)
         state, metrics = trainer.step(state, Batch(features[rows], inputs[rows], targets[rows],
                                                    lengths[rows]))

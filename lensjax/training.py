@@ -63,6 +63,30 @@ class Batch(NamedTuple):
     lengths: jax.Array
 
 
+LENGTH_BUCKET = 8
+
+
+def trim_padding(batch: Batch, mode: LossMode = "eos", bucket: int = LENGTH_BUCKET) -> Batch:
+    """The batch cut after its last position that counts in `caption_loss`, rounded up to a
+    multiple of `bucket` (at most one compiled step per bucket); features and lengths as they
+    are. inputs, targets (B, T) -> (B, T') with T' <= T.
+
+    Under causal attention no kept position sees a cut one, and the cut positions add nothing
+    to the loss, so loss and gradients are those of the whole batch (dropout masks are drawn
+    for the kept shape). LensToWords pads every caption to 64 tokens; batches of COCO
+    captions rarely need more than 32."""
+    targets = np.asarray(batch.targets)
+    columns = np.arange(targets.shape[1])
+    counted = targets != EOS_ID
+    if mode == "eos":
+        counted |= columns[None, :] == np.asarray(batch.lengths)[:, None]
+    used = int(columns[counted.any(axis=0)].max(initial=0)) + 1
+    keep = min(targets.shape[1], -(-used // bucket) * bucket)
+    if keep == targets.shape[1]:
+        return batch
+    return batch._replace(inputs=np.asarray(batch.inputs)[:, :keep], targets=targets[:, :keep])
+
+
 def data_mesh(devices: list | None = None) -> Mesh:
     """A one-axis ("data") mesh over every device (of every process, after
     `jax.distributed.initialize()`)."""
@@ -186,7 +210,10 @@ class Trainer:
 
     def shard_batch(self, batch: Batch) -> Batch:
         """This process's rows of the global batch (all rows with one process) -> global
-        arrays sharded on the data axis."""
+        arrays sharded on the data axis, without trailing padding that no loss term reads
+        (`trim_padding`; with one process only, since each process sees only its rows)."""
+        if jax.process_count() == 1:
+            batch = trim_padding(batch, self._loss)
         return Batch(*(jax.make_array_from_process_local_data(self.batch_sharding,
                                                               np.asarray(x)) for x in batch))
 

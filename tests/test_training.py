@@ -14,7 +14,7 @@ from flax import nnx
 from lensjax import Captioner, CaptionerConfig
 from lensjax.data.tokenizer import EOS_ID
 from lensjax.params import flat_params
-from lensjax.training import Batch, Trainer, caption_loss
+from lensjax.training import Batch, Trainer, caption_loss, trim_padding
 
 CFG = CaptionerConfig.from_preset("tiny", encoder=None, head=None)
 
@@ -159,6 +159,35 @@ def test_remat_recomputes_the_same_loss_and_gradients_with_dropout_on():
 
     assert barriers(Trainer(CFG, rates)) == 0
     assert barriers(Trainer(CFG, rates, remat=True)) >= CFG.gpt2.n_layer
+
+
+@pytest.mark.parametrize("mode", ["seed", "eos"])
+def test_trimmed_padding_gives_the_loss_and_gradients_of_the_whole_batch(mode):
+    batch = _batch(rows=3, length=30, seed=4)._replace(lengths=np.array([3, 9, 5], np.int32))
+    batch.targets[:, 9:] = EOS_ID  # the longest caption is 9 tokens: positions 0..9 count
+    trimmed = trim_padding(batch, mode)
+    assert trimmed.inputs.shape == trimmed.targets.shape == (3, 16)  # 10 rounded up to 8s
+    np.testing.assert_array_equal(trimmed.inputs, batch.inputs[:, :16])
+    assert trim_padding(batch, mode, bucket=64).inputs.shape == (3, 30)  # never longer
+    params = _params()
+    rates = {k: 1e-3 for k in ("perceiver", "gpt2", "xattn", "lm")}
+    trainer = Trainer(CFG, rates, loss=mode)
+    whole = _loss_and_grads(trainer, params, batch, None)
+    cut = _loss_and_grads(trainer, params, trimmed, None)
+    np.testing.assert_allclose(cut[0], whole[0], rtol=1e-6)
+    for path in whole[1]:
+        np.testing.assert_allclose(cut[1][path], whole[1][path], rtol=1e-4, atol=1e-7,
+                                   err_msg=path)
+    assert trainer.shard_batch(batch).inputs.shape == (3, 16)  # what every step does
+
+
+def test_every_block_output_stays_a_fusion_boundary_in_the_compiled_step():
+    """XLA:CPU would otherwise recompute the residual stream of all earlier blocks inside
+    each block's weight-gradient operand (`fusion_fence`)."""
+    trainer = Trainer(CFG, {"gpt2": 1e-3})
+    state = trainer.init(_params())
+    compiled = trainer._step.lower(state, trainer.shard_batch(_batch())).compile().as_text()
+    assert compiled.count(" conditional(") >= 2 * CFG.gpt2.n_layer  # forward and backward
 
 
 def test_bfloat16_mixed_precision_keeps_float32_params_and_a_close_loss():

@@ -28,6 +28,7 @@ from lensjax.models.layers import (
     MultiheadAttention,
     dot_product_attention,
     dropout,
+    fusion_fence,
     gelu_tanh,
     layer_norm,
     merge_heads,
@@ -312,11 +313,11 @@ class GPT2Decoder(nnx.Module):
             # exactly the masks the forward pass drew.
             key = None if rngs is None else rngs.dropout()
             kv = None if cross_kv is None else cross_kv[0 if len(cross_kv) == 1 else layer]
-            if remat and cache is None:
-                x = self._remat_layer(layer, x, kv, key)
+            if cache is None:  # training or scoring: every position at once
+                x = fusion_fence(self._remat_layer(layer, x, kv, key) if remat
+                                 else self._layer(layer, x, kv, key)[0])
                 continue
-            x, layer_cache = self._layer(layer, x, kv, key, None if cache is None
-                                         else cache[layer], position, origin)
+            x, layer_cache = self._layer(layer, x, kv, key, cache[layer], position, origin)
             new_cache.append(layer_cache)
         return self.ln_f(x), None if cache is None else new_cache
 

@@ -7,6 +7,7 @@
 - `layer_norm`: LayerNorm with an explicit epsilon and the exact (two-pass) variance.
 - `adaptive_avg_pool2d`: torch's `AdaptiveAvgPool2d` window rule, overlap included.
 - `dropout`: inverted dropout that is active only when an `nnx.Rngs` is passed (training).
+- `fusion_fence`: the identity, as a value XLA computes once (between transformer blocks).
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fusion_fence(x: jax.Array) -> jax.Array:
+    """x (any shape, at least one element), unchanged, as a value XLA must compute once.
+
+    Without it, XLA:CPU fuses the residual stream of every earlier block into the transposed
+    operand of each block's weight-gradient product, so the backward pass recomputes it per
+    layer with strided reads: a quarter of the v3b training step on CPU. A conditional is a
+    fusion boundary that XLA keeps (`lax.optimization_barrier` is dropped by the CPU
+    pipeline); its predicate depends on the data and its branches differ (`v + 0` turns -0
+    into +0, and runs only when the first element is NaN) so that XLA cannot fold it away.
+    Under `vmap` it becomes a select, still the identity."""
+    return lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v + 0, lambda v: v, x)
 
 
 def dot_product_attention(

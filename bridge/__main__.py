@@ -122,7 +122,8 @@ def _import_inputs(args: argparse.Namespace) -> list[str | Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `python -m bridge` with `argv`; returns the exit status (0 done, 2 refused)."""
+    """Run `python -m bridge` with `argv`; returns the exit status (0 done, 2 refused,
+    130 interrupted)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "import":
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BridgeError, CheckpointError, ParamMismatchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written to a temporary sibling, removed on the way
+        where = f"; nothing was written to {args.out}" if args.command != "inspect" else ""
+        print(f"error: interrupted (Ctrl-C){where}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -250,3 +250,24 @@ def test_damaged_params_give_one_error_line_and_no_exit_noise(sources, tmp_path)
                      cwd=tmp_path)
     error = assert_refused(result, 2, f"cannot read {tmp_path}/ckpt/params")
     assert result.stderr.strip().splitlines() == [error], result.stderr[-3000:]
+
+
+def test_ctrl_c_during_export_exits_130_and_leaves_nothing(sources, tmp_path, capsys,
+                                                          monkeypatch):
+    import bridge.convert
+
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C arrives while the second file is written
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return writer(*args, **kwargs)
+
+    writer = bridge.convert.write_torch_file
+    monkeypatch.setattr(bridge.convert, "write_torch_file", interrupted)
+    code = bridge_cli(["export", str(sources / "ckpt"), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(calls) == 2
+    assert lines == [f"error: interrupted (Ctrl-C); nothing was written to {tmp_path / 'out'}"]
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary sibling

@@ -212,3 +212,17 @@ def test_escape_text_keeps_one_line_per_value():
     name = os.fsdecode(b"caf\xe9 a\tb\nc\\d\r\x1b\xe2\x80\xa8\xc3\xa9.png")
     assert escape_text(name) == "caf\\xe9 a\\tb\\nc\\\\d\\r\\x1b\\u2028\u00e9.png"
     assert escape_text("a dog on the grass") == "a dog on the grass"
+
+
+def test_decoding_threads_leave_the_warning_filters_as_they_were(tmp_path):
+    """open_rgb turns PIL's bomb warning into an error inside `warnings.catch_warnings`,
+    which swaps a process-wide list: unserialised threads could leave the filter behind."""
+    import warnings
+
+    _bad_files(tmp_path)
+    before = list(warnings.filters)
+    names = ["good.jpg", "bomb.png", "notes.jpg"] * 20
+    results = list(load_images_in_background([tmp_path / n for n in names], threads=8,
+                                             prefetch=8))
+    assert len(results) == len(names)
+    assert warnings.filters == before

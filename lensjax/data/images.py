@@ -32,6 +32,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Images above this many pixels are refused as decompression bombs (PIL warns at half).
 MAX_PIXELS = 178_956_970
+_WARNING_FILTERS = threading.Lock()
 
 
 class ImageError(ValueError):
@@ -144,9 +145,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """
     name = display_name(path)
     try:
-        with warnings.catch_warnings(), _open_regular(path) as handle:
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as image:
+        with _open_regular(path) as handle:
+            # catch_warnings swaps the process-wide filter list: decoding threads that entered
+            # and left it interleaved could leave the "error" filter installed for good. Only
+            # the header read (where PIL warns) runs under it, one thread at a time.
+            with _WARNING_FILTERS, warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                opened = Image.open(handle)
+            with opened as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageError(
                         f"{name}: {image.width}x{image.height} pixels is over the "

@@ -19,6 +19,7 @@ checked by `check_case(runner, case, tmp)` with `runner = subprocess_runner(modu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -27,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +64,10 @@ def run_cli(
     environment.setdefault("LENSJAX_CACHE_DIR", str(cwd / ".jax-cache"))
     command = [sys.executable, "-m", module, *map(str, args)]
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               start_new_session=True, text=True, errors="replace")
+    with _ctrl_c_deliverable():
+        process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, text=True, errors="replace")
     try:
         if interrupt_after is not None:
             _wait_then_interrupt(process, start, interrupt_after, interrupt_when, timeout)
@@ -105,6 +107,21 @@ def subprocess_runner(module: str, timeout: float = 30.0) -> Runner:
 
 def in_process_runner(main: Callable[[list[str]], int], capsys) -> Runner:
     return lambda argv, tmp: call_main(main, argv, capsys)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deliverable() -> Iterator[None]:
+    """SIGINT at its default while a CLI is started. A shell starts background jobs
+    (`make test &`) with SIGINT ignored, Python keeps an ignored SIGINT ignored, and children
+    inherit that: the CLI would then never see the Ctrl-C a test sends it."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wait_then_interrupt(process, start, after, when, timeout) -> None:

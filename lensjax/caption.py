@@ -22,7 +22,15 @@ from tqdm import tqdm
 
 from lensjax.api import CaptionModel, file_identity, load_pretrained
 from lensjax.checkpoint import CheckpointError
-from lensjax.cli import EXIT_INTERRUPTED, SEED_MAX, CliParser, finite_float, int_in
+from lensjax.cli import (
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    SEED_MAX,
+    CliParser,
+    finite_float,
+    int_in,
+)
 from lensjax.data.images import (
     ImageError,
     display_name,
@@ -330,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         summary += f"; wrote {args.out}"
     print(summary, file=sys.stderr)
-    return 1 if failures else 0
+    return EXIT_PARTIAL if failures else EXIT_DONE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from lensjax.api import CaptionModel
 from lensjax.caption import load_encoding_model
 from lensjax.checkpoint import CheckpointError
-from lensjax.cli import EXIT_INTERRUPTED, CliParser, int_in
+from lensjax.cli import EXIT_DONE, EXIT_INTERRUPTED, EXIT_PARTIAL, CliParser, int_in
 from lensjax.data.cache import FeatureCache
 from lensjax.data.images import (
     ImageError,
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = len(found.skipped) + len(errors)
     print(f"wrote {written} feature arrays to {args.out} in {time.time() - start:.1f}s"
           + (f"; {skipped} image(s) skipped" if skipped else ""))
-    return 1 if skipped else 0
+    return EXIT_PARTIAL if skipped else EXIT_DONE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

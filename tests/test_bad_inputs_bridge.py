@@ -202,9 +202,10 @@ CASES = [
          2, ["{tmp}/taken", "not a folder"], _file("taken")),
     Case("export-out-not-writable", ["export", "{tmp}/ckpt", "--out", "/sys/x"], 2,
          ["/sys/x", "not writable"]),
+    # Refused naming the array: by its checksum, or by the decompressor where the flipped
+    # bytes happen to cover a zstd block header (the file layout varies between saves).
     Case("export-flipped-bytes", ["export", "{tmp}/noisy", "--out", "{tmp}/out"], 2,
-         ["{tmp}/noisy/params", "'gpt2.wte.embedding' does not match its checksum"],
-         flipped_noise_checkpoint),
+         ["{tmp}/noisy/params", "gpt2.wte.embedding"], flipped_noise_checkpoint),
     Case("export-truncated-data", ["export", "{tmp}/ckpt", "--out", "{tmp}/out"], 2,
          ["cannot read {tmp}/ckpt/params", "damaged"], lambda tmp: truncate_data(tmp / "ckpt")),
     Case("metadata-not-json", ["export", "{tmp}/ckpt", "--out", "{tmp}/out"], 2,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lensjax.api import CaptionModel, file_identity, load_pretrained
 from lensjax.checkpoint import CheckpointError
 from lensjax.cli import (
+    EXIT_BAD_INPUT,
     EXIT_DONE,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
@@ -286,7 +287,7 @@ def _nothing_captioned(failures: list[ImageError], out: Path | None, existed: bo
     if out is not None:
         message += f"; {_output_state(out, existed)}"
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
 
 
 def run(args: argparse.Namespace) -> int:
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (CheckpointError, MissingComponentError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

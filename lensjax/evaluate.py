@@ -40,7 +40,6 @@ from lensjax.data.captions import read_utf8_text
 from lensjax.files import write_text_atomic
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
-# Exit statuses (also in --help).
 SPLITS = ("all", "train", "val")  # of the flickr, coco and instagram formats
 
 

@@ -26,7 +26,14 @@ from tqdm import tqdm
 from lensjax.api import CaptionModel
 from lensjax.caption import load_encoding_model
 from lensjax.checkpoint import CheckpointError
-from lensjax.cli import EXIT_DONE, EXIT_INTERRUPTED, EXIT_PARTIAL, CliParser, int_in
+from lensjax.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    CliParser,
+    int_in,
+)
 from lensjax.data.cache import FeatureCache
 from lensjax.data.images import (
     ImageError,
@@ -222,7 +229,7 @@ def _nothing_encoded(errors: list[ImageError], out: Path, existed: bool) -> int:
     more = f" (and {len(errors) - 1} more skipped file(s), listed above)" if errors[1:] else ""
     kept = f"{out} unchanged" if existed else f"nothing was written to {out}"
     print(f"error: no image could be encoded: {errors[0]}{more}; {kept}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
 
 
 def run(args: argparse.Namespace) -> int:
@@ -269,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (CheckpointError, OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

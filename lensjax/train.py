@@ -70,7 +70,6 @@ INT_FLAGS: Mapping[str, tuple[int, int | None]] = MappingProxyType({
     "log_every": (1, None), "save_every": (1, None), "val_batches": (1, None),
     "eval_images": (0, None), "num_processes": (1, None), "process_id": (0, None),
 })
-# Exit statuses (also in --help).
 # Hidden write-then-rename siblings (lensjax.files.temporary_sibling): `.NAME.tmp-xxxxxxxx`
 # is never complete; `.NAME.old-xxxxxxxx` is the previous NAME while it is being replaced.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")

@@ -385,6 +385,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("eval_out"),
                         help="folder for metrics.json, per_image.csv, gallery.html "
                         "(default: eval_out)")
+    parser.add_argument("--scenes", type=Path,
+                        help="the synthetic set's scenes.jsonl: also score what the captions "
+                        "get right (triple F1, exact sets, shape count, background)")
     parser.add_argument("--html", action="store_true", help="also write gallery.html")
     parser.add_argument("--images", type=Path, help="image folder for the gallery thumbnails")
     return parser
@@ -404,6 +407,7 @@ def check_args(args: argparse.Namespace) -> None:
                                ("--references", args.references, False),
                                ("--weights", args.weights, True),
                                ("--features", args.features, True),
+                               ("--scenes", args.scenes, False),
                                ("--images", args.images if args.html else None, True)):
         if path is None or (path.is_dir() if folder else path.is_file()):
             continue
@@ -458,6 +462,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       file=sys.stderr)
         except EvaluationError as error:
             print(f"warning: COCO metrics skipped: {error}", file=sys.stderr)
+    if args.scenes is not None:
+        from lensjax.data.synthetic import read_scenes
+        from lensjax.scene_scores import score_scenes
+
+        scenes = {scene.name: scene for scene in read_scenes(args.scenes)}
+        report["scenes"] = score_scenes(predictions, scenes).as_dict()
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "metrics.json", json.dumps(report, indent=2))
     write_per_image_csv(args.out / "per_image.csv", predictions, references, per_image)
@@ -472,6 +482,13 @@ def format_table(report: Mapping[str, Any]) -> str:
              report["lenstowords_bleu4"])]
     rows += [(f"COCO {name} (pycocoevalcap{', corpus' if name.startswith('BLEU') else ''})",
               value) for name, value in report.get("coco", {}).items()]
+    scenes = report.get("scenes")
+    if scenes:
+        rows += [("scenes: (size, colour, kind) triple F1", scenes["triple_f1"]),
+                 ("scenes: exact triple sets", scenes["exact_sets"]),
+                 ("scenes: shape count right", scenes["count"]),
+                 ("scenes: background right (where named)", scenes["background"]),
+                 ("scenes: background named", scenes["background_named"])]
     width = max(len(name) for name, _ in rows)
     lines = [f"{report['images']} images"] + [f"{n:<{width}}  {v:.4f}" for n, v in rows]
     return "\n".join(lines)

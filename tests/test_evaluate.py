@@ -164,3 +164,34 @@ def test_end_to_end_generates_from_features_then_scores(tmp_path, capsys):
                  "--no-coco", "--out", str(out), "--batch-size", "2"]) == 0
     assert "1 reference images have no features" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["images"] == 3
+
+
+def test_cli_scores_captions_against_the_synthetic_scenes(tmp_path, capsys):
+    from lensjax.data.synthetic import describe, generate, read_scenes
+
+    captions = generate(tmp_path / "shapes", images=4, seed=3, size=64, progress=False)
+    scenes = read_scenes(tmp_path / "shapes")
+    right, wrong = scenes[0], scenes[1]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"image": right.name, "caption": describe(right)[1]}) + "\n"
+                     + json.dumps({"image": wrong.name, "caption": "nothing here ."}) + "\n")
+    out = tmp_path / "report"
+    assert main(["--predictions", str(preds), "--references", str(captions), "--no-coco",
+                 "--scenes", str(tmp_path / "shapes" / "scenes.jsonl"), "--out", str(out)]) == 0
+    assert "scenes: (size, colour, kind) triple F1" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())["scenes"]
+    assert report == {"images": 2, "triple_f1": 0.5, "exact_sets": 0.5, "count": 0.5,
+                      "background": 1.0, "background_named": 0.5}
+
+
+def test_cli_refuses_scenes_of_another_set(tmp_path, capsys):
+    from lensjax.data.synthetic import generate
+
+    captions = generate(tmp_path / "a", images=2, seed=0, size=64, progress=False)
+    generate(tmp_path / "b", images=1, seed=0, size=64, progress=False)
+    preds = tmp_path / "preds.csv"
+    preds.write_text("image,caption\n000000.png,a red circle\n000001.png,a red circle\n")
+    assert main(["--predictions", str(preds), "--references", str(captions), "--no-coco",
+                 "--scenes", str(tmp_path / "b" / "scenes.jsonl"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "have no scene" in capsys.readouterr().err

@@ -246,11 +246,23 @@ def generate(
     return captions
 
 
-def read_scenes(out_dir: str | os.PathLike) -> list[Scene]:
-    """The scenes of a set written by `generate`, in image order."""
-    path = Path(out_dir) / "scenes.jsonl"
+def read_scenes(path: str | os.PathLike) -> list[Scene]:
+    """The scenes of a set written by `generate`, in image order, from its `scenes.jsonl` or
+    the set's folder. A line that is not a scene is a ValueError naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "scenes.jsonl"
+    scenes = []
     with path.open(encoding="utf-8") as f:
-        return [Scene.from_json(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                scenes.append(Scene.from_json(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{path}, line {number}: not a scene of the synthetic set "
+                                 f"({type(error).__name__}: {error})") from None
+    return scenes
 
 
 def _remove_stale(image_dir: Path, keep: set[str]) -> None:

@@ -40,3 +40,35 @@ def test_multihead_attention_matches_torch():
     x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
     expected = torch_mha(x, context, context)[0]
     assert_parity(flax_mha(x.numpy(), context.numpy()), expected)
+
+
+@pytest.mark.parametrize("kernel_size,shape", [(7, (2, 9, 11, 5)), (3, (1, 4, 4, 3)),
+                                               (7, (2, 3, 2, 4))])
+def test_depthwise_conv_and_its_gradients_match_torch(kernel_size, shape):
+    import jax
+    import jax.numpy as jnp
+
+    from lensjax.models.layers import DepthwiseConv2d
+
+    channels = shape[-1]
+    conv = torch.nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                           groups=channels).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    x_nchw = x.permute(0, 3, 1, 2).requires_grad_()
+    out = conv(x_nchw)
+    (out.permute(0, 2, 3, 1) * upstream).sum().backward()
+
+    layer = DepthwiseConv2d(channels, kernel_size, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.asarray(conv.weight.detach().permute(2, 3, 1, 0).numpy(),
+                                    jnp.float32)  # OIHW -> HWIO
+    layer.bias[...] = jnp.asarray(conv.bias.detach().numpy(), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        actual = layer(jnp.asarray(x.numpy(), jnp.float32))
+        grad_x, grads = jax.grad(
+            lambda x, layer: jnp.sum(layer(x) * jnp.asarray(upstream.numpy(), jnp.float32)),
+            argnums=(0, 1))(jnp.asarray(x.numpy(), jnp.float32), layer)
+    assert_parity(actual, out.permute(0, 2, 3, 1))
+    assert_parity(grad_x, x_nchw.grad.permute(0, 2, 3, 1))
+    assert_parity(grads.kernel[...], conv.weight.grad.permute(2, 3, 1, 0))
+    assert_parity(grads.bias[...], conv.bias.grad)

@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lensjax.models.layers import Linear, adaptive_avg_pool2d, gelu_exact, layer_norm
+from lensjax.models.layers import (
+    DepthwiseConv2d,
+    Linear,
+    adaptive_avg_pool2d,
+    gelu_exact,
+    layer_norm,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +50,7 @@ class ConvNeXtBlock(nnx.Module):
     """7x7 depthwise conv, LayerNorm, fc1, exact GELU, fc2, layer scale `gamma`, residual."""
 
     def __init__(self, dim: int, cfg: ConvNeXtConfig, *, rngs: nnx.Rngs):
-        self.conv_dw = nnx.Conv(
-            dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim, rngs=rngs
-        )
+        self.conv_dw = DepthwiseConv2d(dim, 7, rngs=rngs)
         self.norm = layer_norm(dim, cfg.eps, rngs=rngs)
         self.mlp = ConvNeXtMlp(dim, 4 * dim, rngs=rngs)
         self.gamma = nnx.Param(jnp.full((dim,), cfg.ls_init_value, jnp.float32))
@@ -123,16 +127,29 @@ class ConvNeXt(nnx.Module):
             ]
         )
 
-    def __call__(self, images: jax.Array) -> list[jax.Array]:
+    def __call__(self, images: jax.Array, *, remat: bool = False) -> list[jax.Array]:
+        """Images (B, H, W, 3) -> the maps of `out_indices`. `remat` recomputes each stage in
+        the backward pass instead of storing its activations (gradient checkpointing)."""
         x = self.stem[1](self.stem[0](images))
         maps = []
         for index, stage in enumerate(self.stages):
-            x = stage(x)
+            x = _checkpointed(stage, x) if remat else stage(x)
             if index in self.cfg.out_indices:
                 maps.append(x)
             if index >= max(self.cfg.out_indices):
                 break
         return maps
+
+
+def _checkpointed(stage: ConvNeXtStage, x: jax.Array) -> jax.Array:
+    """`stage(x)` under `jax.checkpoint`: only its input is kept for the backward pass."""
+    graphdef, state = nnx.split(stage)
+
+    @jax.checkpoint
+    def run(state: nnx.State, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(x)
+
+    return run(state, x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@
 - `adaptive_avg_pool2d`: torch's `AdaptiveAvgPool2d` window rule, overlap included.
 - `dropout`: inverted dropout that is active only when an `nnx.Rngs` is passed (training).
 - `fusion_fence`: the identity, as a value XLA computes once (between transformer blocks).
+- `DepthwiseConv2d`: `nn.Conv2d(C, C, k, padding=k // 2, groups=C)` as k*k shifted
+  multiply-adds, which XLA fuses into one loop (its grouped convolution is 15-70x slower on
+  CPU).
 """
 
 from __future__ import annotations
@@ -185,3 +188,70 @@ def adaptive_avg_pool2d(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], out_hw[0]), x.dtype)
     pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], out_hw[1]), x.dtype)
     return jnp.einsum("oh,bhwc,pw->bopc", ph, x, pw)
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise 'same' cross-correlation: x (B, H, W, C), kernel (k, k, C) -> (B, H, W, C)."""
+    k = kernel.shape[0]
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+
+    def row(i: jax.Array, out: jax.Array) -> jax.Array:  # the k taps of kernel row i
+        rows = lax.dynamic_slice_in_dim(padded, i, height, axis=1)
+        taps = lax.dynamic_index_in_dim(kernel, i, keepdims=False)
+        for j in range(k):
+            out = out + rows[:, :, j : j + width] * taps[j]
+        return out
+
+    return lax.fori_loop(0, k, row, jnp.zeros((batch, height, width, channels), x.dtype))
+
+
+@jax.custom_vjp
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (B, H, W, C), kernel (k, k, C), k odd -> (B, H, W, C), zero padding k // 2.
+
+    The backward pass is written out: the input gradient is the same sum over the flipped
+    kernel, and the kernel gradient a loop of k*k multiply-reductions (autodiff of the slices
+    would build k*k padded copies)."""
+    return _shifted_sum(x, kernel)
+
+
+def _depthwise_forward(x: jax.Array, kernel: jax.Array):
+    return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_backward(residuals, grad: jax.Array):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+
+    def tap(offset: jax.Array) -> jax.Array:  # d_kernel[i, j] for offset = i * k + j
+        window = lax.dynamic_slice(padded, (0, offset // k, offset % k, 0), grad.shape)
+        return jnp.sum(window * grad, axis=(0, 1, 2))
+
+    # One loop body for the k*k taps, not k*k reductions: XLA compiles it in a fraction of
+    # the time (the unrolled form took 5x longer to compile for the same speed).
+    d_kernel = lax.map(tap, jnp.arange(k * k)).reshape(k, k, -1)
+    return _shifted_sum(grad, kernel[::-1, ::-1]), d_kernel.astype(kernel.dtype)
+
+
+depthwise_conv2d.defvjp(_depthwise_forward, _depthwise_backward)
+
+
+class DepthwiseConv2d(nnx.Module):
+    """`nn.Conv2d(C, C, k, padding=k // 2, groups=C)` on NHWC input. Parameters as
+    `nnx.Conv(C, C, (k, k), feature_group_count=C)` holds them: `kernel` (k, k, 1, C) (HWIO)
+    and `bias` (C,), initialised the same way."""
+
+    def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs):
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(
+            rngs.params(), (kernel_size, kernel_size, 1, channels), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        kernel = self.kernel[...][:, :, 0, :]
+        return depthwise_conv2d(x, kernel.astype(x.dtype)) + self.bias[...].astype(x.dtype)

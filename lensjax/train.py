@@ -2,6 +2,9 @@
 
 Each phase (see the table below) trains some components of the captioner on pre-extracted
 image features (`python -m lensjax.extract`), from initial weights that earlier phases wrote.
+A phase that trains the image encoder (`--lr encoder=...,encoder_head=...`) reads the images
+themselves instead (--images): each is decoded and resized once, to the model's image size,
+and kept in memory as uint8 for the whole run.
 A run folder (--out, default RUNS_DIR/PHASE) holds:
 
   run.json        the phase's resolved settings, initial-weight sources, status
@@ -49,15 +52,19 @@ from lensjax.cli import (
 )
 from lensjax.phases import DATASETS, FRESH, INIT_GROUPS, PHASES, PRETRAINED_GPT2, Phase, phase_table
 
-# Default data locations per data set: (caption sources, validation source, feature caches).
-DEFAULT_DATA: Mapping[str, tuple[list[str], str | None, list[str]]] = {
-    "flickr30k": (["data/flickr30k/captions.txt"], None, ["features/flickr30k"]),
+# Default data locations per data set: (caption sources, validation source, feature caches,
+# image folder).
+DEFAULT_DATA: Mapping[str, tuple[list[str], str | None, list[str], str | None]] = {
+    "flickr30k": (["data/flickr30k/captions.txt"], None, ["features/flickr30k"],
+                  "data/flickr30k/images"),
     "coco-50k": (["data/coco/annotations/captions_train2017.json"],
-                 "data/coco/annotations/captions_val2017.json", ["features/coco"]),
+                 "data/coco/annotations/captions_val2017.json", ["features/coco"], None),
     "coco": (["data/coco/annotations/captions_train2017.json"],
-             "data/coco/annotations/captions_val2017.json", ["features/coco"]),
-    "synthetic": (["demo_out/shapes/captions.txt"], None, ["demo_out/features"]),
+             "data/coco/annotations/captions_val2017.json", ["features/coco"], None),
+    "synthetic": (["demo_out/shapes/captions.txt"], None, ["demo_out/features"],
+                  "demo_out/shapes/images"),
 }
+ENCODER_LABELS = frozenset({"encoder", "encoder_head"})
 LATEST, BEST, RUN_FILE, METRICS_FILE, TRAIN_STATE = (
     "latest", "best", "run.json", "metrics.jsonl", "train_state")
 # Settings a resumed run may change (extending a run); everything else must match.
@@ -69,6 +76,7 @@ INT_FLAGS: Mapping[str, tuple[int, int | None]] = MappingProxyType({
     "batch_size": (1, None), "max_len": (3, None), "subset": (1, None), "seed": (0, SEED_MAX),
     "log_every": (1, None), "save_every": (1, None), "val_batches": (1, None),
     "eval_images": (0, None), "num_processes": (1, None), "process_id": (0, None),
+    "image_size": (32, 4096),
 })
 # Hidden write-then-rename siblings (lensjax.files.temporary_sibling): `.NAME.tmp-xxxxxxxx`
 # is never complete; `.NAME.old-xxxxxxxx` is the previous NAME while it is being replaced.
@@ -87,8 +95,17 @@ initial weights (--init KEY=SOURCE, comma-separated or repeated):
                     phase's GPT-2 comes from
   perceiver=, xattn=, encoder=PATH
                     take that component from PATH instead; SOURCE `fresh` re-initialises it.
-                    The encoder is never trained; it is carried from the first checkpoint
-                    that has one, so the result can caption image files
+                    Unless a phase trains it, the encoder is carried from the first
+                    checkpoint that has one, so the result can caption image files
+
+training the image encoder:
+  --lr encoder=1e-4,encoder_head=1e-3 trains the ConvNeXt and its multi-scale head (0 freezes
+  them, as every phase of the original does). Such a phase reads --images (a folder holding
+  the captions' image files) instead of a feature cache: decoded once on every core, resized
+  to --image-size (default: the model's, 224 for the original's), kept in memory as uint8
+  (N x size x size x 3 bytes: 4,000 images at 64 px take 49 MB, Flickr30k at 224 px 4.7 GB).
+  --remat also checkpoints the encoder stages. A later phase that freezes the encoder reads
+  features again: extract them with the trained checkpoint (python -m lensjax.extract).
 
 examples:
   python -m lensjax.train --phase 2a --init gpt2=weights/gpt2 --data data/flickr30k/captions.txt \\
@@ -97,6 +114,8 @@ examples:
   python -m lensjax.train --phase 2d --lr perceiver=2e-5,gpt2=5e-6 --epochs 10
   python -m lensjax.train --phase 3a --init 2d=weights/v3b --batch-size 64 --plot
   python -m lensjax.train --phase 2d --resume            # continue a killed run
+  python -m lensjax.train --phase 2d --lr encoder=1e-4,encoder_head=1e-3 \\
+      --images data/flickr30k/images                     # fine-tune the encoder too
 
 run.json's status: running, then done, failed (with the step and the reason) or
 interrupted (with the step and the last saved step).
@@ -140,6 +159,8 @@ class Settings:
     subset: int | None
     remat: bool | None  # None until `fit_model` picks the model's default
     dtype: str
+    from_pixels: bool  # reads images (and encodes them in the step), not features
+    image_size: int | None  # None until `fit_model` takes the model's
     log_every: int
     save_every: int
     val_batches: int | None
@@ -203,9 +224,6 @@ def learning_rates(phase: Phase, notebook: bool, overrides: Sequence[str]) -> di
             rates.pop(label, None)
         else:
             rates[label] = rate
-    if {"encoder", "encoder_head"} & set(rates):
-        raise TrainError("training reads pre-extracted features, so the image encoder and its "
-                         "head cannot train here")
     if not rates:
         raise TrainError("no component trains: every learning rate is 0")
     return rates
@@ -217,10 +235,11 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
     def pick(value, default):
         return default if value is None else value
 
+    rates = learning_rates(phase, args.notebook_lr, args.lr or [])
     settings = Settings(
         phase=phase.name,
         mode=phase.mode,
-        learning_rates=learning_rates(phase, args.notebook_lr, args.lr or []),
+        learning_rates=rates,
         epochs=pick(args.epochs, phase.epochs),
         patience=pick(args.patience, phase.patience),
         batch_size=pick(args.batch_size, phase.batch_size),
@@ -231,6 +250,8 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
         subset=pick(args.subset, phase.subset),
         remat=args.remat,
         dtype=args.dtype,
+        from_pixels=args.images is not None or bool(ENCODER_LABELS & set(rates)),
+        image_size=args.image_size,
         log_every=args.log_every,
         save_every=args.save_every,
         val_batches=args.val_batches,
@@ -245,9 +266,16 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
 
 
 def fit_model(settings: Settings, cfg) -> Settings:
-    """`settings` for the model `cfg`: `--remat` defaults to on for full-size GPT-2s, and
+    """`settings` for the model `cfg`: `--remat` defaults to on for full-size GPT-2s,
     `--max-len` must fit the model's positions (prepend mode also places the latents there;
-    the end-of-phase captions take BOS + max_len - 1 new tokens)."""
+    the end-of-phase captions take BOS + max_len - 1 new tokens), and a phase that reads
+    images needs a model with an encoder; the image size is the model's."""
+    if settings.image_size is not None and settings.image_size != cfg.image_size:
+        raise TrainError(f"--image-size {settings.image_size}: the run's model takes "
+                         f"{cfg.image_size}-pixel images")
+    if settings.from_pixels and (cfg.encoder is None or cfg.head is None):
+        raise TrainError("this phase reads images, but its model has no image encoder: give "
+                         "one with --init encoder=CHECKPOINT (or encoder=fresh)")
     prefix = cfg.perceiver.num_latents if settings.mode == "prepend" else 0
     longest = cfg.gpt2.n_positions - prefix
     if settings.max_len > longest:
@@ -256,7 +284,7 @@ def fit_model(settings: Settings, cfg) -> Settings:
                          + (f", {prefix} latents prepended" if prefix else "")
                          + f"), got {settings.max_len}")
     remat = cfg.gpt2.n_layer >= 12 if settings.remat is None else settings.remat
-    return dataclasses.replace(settings, remat=remat)
+    return dataclasses.replace(settings, remat=remat, image_size=cfg.image_size)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -264,21 +292,35 @@ def fit_model(settings: Settings, cfg) -> Settings:
 
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
-    """Where a run's captions and features are: the flags, else the phase's defaults."""
+    """Where a run's captions and features (or images) are: the flags, else the phase's
+    defaults. `images` is set exactly when the run reads pixels."""
 
     data: list[str]
     val_data: str | None
     features: list[str]
+    images: str | None = None
 
 
-def data_paths(args: argparse.Namespace, phase: Phase) -> DataPaths:
-    """The caption files and feature caches `phase` reads, each checked to exist."""
-    data, val_data, features = DEFAULT_DATA.get(phase.dataset, ([], None, []))
+def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool) -> DataPaths:
+    """The caption files and the feature caches (or, `from_pixels`, the image folder) `phase`
+    reads, each checked to exist."""
+    data, val_data, features, images = DEFAULT_DATA.get(phase.dataset, ([], None, [], None))
     paths = DataPaths(args.data or data, args.val_data or (None if args.data else val_data),
-                      args.features or features)
-    if not paths.data or not paths.features:
+                      [] if from_pixels else args.features or features,
+                      str(args.images or images) if from_pixels else None)
+    # Captions given by --data need their images named too: the phase's default folder
+    # belongs to its default captions.
+    if from_pixels and (not paths.images or args.data and not args.images):
+        raise TrainError("this phase trains the image encoder, so it reads images, not "
+                         "features: give the folder that holds the captions' image files "
+                         "with --images")
+    if not paths.data or not (paths.features or paths.images):
         raise TrainError(f"phase {phase.name} trains on {DATASETS[phase.dataset]}: give the "
                          "caption source(s) with --data and the feature cache with --features")
+    if paths.images is not None and not Path(paths.images).is_dir():
+        raise TrainError(f"--images: {paths.images} "
+                         + ("is a file, not a folder of images" if Path(paths.images).exists()
+                            else "does not exist"))
     for flag, path in [*(("--data", p) for p in paths.data),
                        *([("--val-data", paths.val_data)] if paths.val_data else [])]:
         if not Path(path).is_file():
@@ -296,12 +338,20 @@ def data_paths(args: argparse.Namespace, phase: Phase) -> DataPaths:
 
 @dataclasses.dataclass
 class Data:
-    """Training and validation captions ({image key: [captions]}) and their feature cache."""
+    """Training and validation captions ({image key: [captions]}) and their inputs: a
+    FeatureCache, or an ImageCache for a phase that reads pixels (`from_pixels`)."""
 
     train: dict[str, list[str]]
     val: dict[str, list[str]]
-    cache: Any  # lensjax.data.cache.FeatureCache
+    cache: Any  # lensjax.data.cache.FeatureCache | lensjax.data.image_cache.ImageCache
     sources: list[str]
+    from_pixels: bool = False
+
+    @property
+    def missing(self) -> str:
+        """What an image without inputs lacks, for messages."""
+        return ("no readable image file in --images" if self.from_pixels
+                else "no features in the cache")
 
 
 def _captions(paths: Sequence[str]) -> dict[str, list[str]]:
@@ -323,7 +373,7 @@ def _feature_cache(folders: Sequence[str]):
 
 
 def load_data(paths: DataPaths, settings: Settings) -> Data:
-    """Captions and features, split as LensToWords split them."""
+    """Captions and features (or decoded images), split as LensToWords split them."""
     from lensjax.data.captions import coco_subset, seed_split
 
     captions = _captions(paths.data)
@@ -336,25 +386,31 @@ def load_data(paths: DataPaths, settings: Settings) -> Data:
     if settings.subset is not None and settings.subset < len(train):
         train = {k: train[k] for k in coco_subset(list(train), settings.subset,
                                                     seed=settings.seed)}
-    return Data(train, val, _feature_cache(paths.features),
-                [*paths.data, *([paths.val_data] if paths.val_data else [])])
+    sources = [*paths.data, *([paths.val_data] if paths.val_data else [])]
+    if paths.images is None:
+        return Data(train, val, _feature_cache(paths.features), sources)
+    from lensjax.data.image_cache import ImageCache
+
+    cache = ImageCache(paths.images, [*train, *val], settings.image_size)
+    for problem in cache.problems[:3]:
+        _say(f"skipped: {problem}")
+    return Data(train, val, cache, [*sources, paths.images], from_pixels=True)
 
 
-def usable(captions: Mapping[str, list[str]], cache, strict: bool, what: str, say
+def usable(captions: Mapping[str, list[str]], data: Data, strict: bool, what: str, say
            ) -> list[tuple[str, str]]:
-    """(key, caption) pairs with features; missing images are counted and skipped (or an error
+    """(key, caption) pairs with inputs; missing images are counted and skipped (or an error
     with `strict`)."""
-    from lensjax.data.batching import available_pairs
-
-    try:
-        pairs, missing = available_pairs(captions, cache, strict=strict)
-    except KeyError as error:
-        raise TrainError(f"{what}: {error.args[0]} (--strict)") from None
+    missing = [key for key in captions if key not in data.cache]
+    if missing and strict:
+        raise TrainError(f"{what}: {len(missing)} of {len(captions)} images have "
+                         f"{data.missing} (first: {', '.join(missing[:5])}) (--strict)")
     if missing:
-        say(f"{what}: {len(missing)} of {len(captions)} images have no features in the cache "
-            f"and are skipped (first: {', '.join(missing[:3])}); --strict makes this an error")
+        say(f"{what}: {len(missing)} of {len(captions)} images have {data.missing} and are "
+            f"skipped (first: {', '.join(missing[:3])}); --strict makes this an error")
+    pairs = [(k, c) for k, caps in captions.items() if k in data.cache for c in caps]
     if not pairs:
-        raise TrainError(f"{what}: no image has features in the cache")
+        raise TrainError(f"{what}: no image has inputs ({data.missing} for any)")
     return pairs
 
 
@@ -770,8 +826,8 @@ class PhaseRun:
         devices = jax.device_count()
         tokenizer = GPT2Tokenizer()
         process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-        train_pairs = usable(data.train, data.cache, args.strict, "training set", _say)
-        val_pairs = usable(data.val, data.cache, args.strict, "validation set", _say)
+        train_pairs = usable(data.train, data, args.strict, "training set", _say)
+        val_pairs = usable(data.val, data, args.strict, "validation set", _say)
         if len(train_pairs) < settings.batch_size:
             raise TrainError(f"{len(train_pairs)} training pairs cannot fill one batch of "
                              f"{settings.batch_size}; lower --batch-size")
@@ -785,7 +841,8 @@ class PhaseRun:
         self.val_batches = CaptionBatches(val_pairs, data.cache, tokenizer, batch_size=val_batch,
                                           max_len=settings.max_len, seed=0, **process)
         self.trainer = Trainer(cfg, settings.learning_rates, loss=settings.loss,
-                               remat=settings.remat, dtype=settings.dtype)
+                               remat=settings.remat, dtype=settings.dtype,
+                               from_pixels=settings.from_pixels)
         self.resumed = params if isinstance(params, Resumed) else None
         self.params = {} if self.resumed else params
 
@@ -960,6 +1017,8 @@ class PhaseRun:
         model = load_pretrained(self.folder.path / BEST)
         keys = [k for k in self.data.val if k in self.data.cache][: self.settings.eval_images]
         features = self.data.cache.get_batch(keys).astype(np.float32)
+        if self.data.from_pixels:
+            features = model.encode_padded(features)
         tokens = model.generate(features, self.settings.eval_method,
                                 max_new_tokens=self.settings.max_len - 1,
                                 seed=self.settings.seed)
@@ -1026,6 +1085,12 @@ def _parser() -> argparse.ArgumentParser:
                        "random.seed(42); COCO phases: captions_val2017.json)")
     where.add_argument("--features", nargs="+", metavar="CACHE",
                        help="feature cache folder(s) from python -m lensjax.extract")
+    where.add_argument("--images", type=Path, metavar="DIR",
+                       help="read the image files in DIR (named as in the captions) instead "
+                       "of features: needed when the encoder trains (see below)")
+    where.add_argument("--image-size", type=int, metavar="PX",
+                       help="side the images are resized to, 32 to 4096 (default: the "
+                       "model's, 224 for the original's); stored in the checkpoint's config")
     where.add_argument("--init", action="append", metavar="KEY=SOURCE",
                        help="initial weights (see below)")
     where.add_argument("--runs-dir", type=Path, default=Path("runs"),
@@ -1035,8 +1100,9 @@ def _parser() -> argparse.ArgumentParser:
                        "init checkpoint's config, else the phase's: v3b, demo for demo-*)")
     hyper = parser.add_argument_group("overrides of the phase's defaults")
     hyper.add_argument("--lr", action="append", metavar="COMPONENT=RATE,...",
-                       help="learning rates: perceiver, gpt2 (blocks and embeddings; `lm` "
-                       "alone for wte/wpe/ln_f), xattn; 0 freezes a component")
+                       help="learning rates: encoder, encoder_head (these read --images), "
+                       "perceiver, gpt2 (blocks and embeddings; `lm` alone for wte/wpe/ln_f), "
+                       "xattn; 0 freezes a component")
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
     hyper.add_argument("--epochs", type=int, help="at most N >= 1 epochs (default: per phase)")
@@ -1063,13 +1129,14 @@ def _parser() -> argparse.ArgumentParser:
                        "interrupted write left there)")
     start.add_argument("--force", action="store_true", help="clear --out and start over")
     running.add_argument("--strict", action="store_true",
-                     help="images without features are an error, not skipped")
+                     help="images without features (or, with --images, without a readable "
+                     "file) are an error, not skipped")
     running.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute dtype (default: float32); bfloat16 is mixed precision "
                      "for GPUs/TPUs (parameters and optimizer state stay float32)")
     running.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                     help="gradient checkpointing of the GPT-2 blocks (default: on for "
-                     "full-size presets)")
+                     help="gradient checkpointing of the GPT-2 blocks and, when it trains, "
+                     "the encoder's stages (default: on for full-size presets)")
     running.add_argument("--log-every", type=int, default=50,
                          help="steps per metrics.jsonl line, >= 1 (default: 50)")
     running.add_argument("--save-every", type=int, default=500,
@@ -1132,7 +1199,7 @@ def prepare_run(args: argparse.Namespace, folder: RunFolder, interrupts: Interru
                                    process_id=args.process_id)
     phase = PHASES[args.phase]
     settings = resolve_settings(args, phase, jax.device_count())
-    paths = data_paths(args, phase)
+    paths = data_paths(args, phase, settings.from_pixels)
     init: dict[str, str] = {}
     for text in args.init or []:
         init.update(parse_assignments(text, "--init"))
@@ -1143,6 +1210,8 @@ def prepare_run(args: argparse.Namespace, folder: RunFolder, interrupts: Interru
     else:
         sources = resolve_sources(phase, init, args.runs_dir)
         cfg = model_config(phase, sources, args.preset, store)
+        if settings.image_size is not None:
+            cfg = dataclasses.replace(cfg, image_size=settings.image_size)
     settings = fit_model(settings, cfg)
     if jax.process_index() == 0:
         start = folder.prepare(settings, args.resume, args.force, _say)

@@ -55,7 +55,8 @@ class TrainState(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """features (B, S, D) float; inputs, targets (B, T) int32; lengths (B,) int32."""
+    """features (B, S, D) float, or normalised images (B, H, W, 3) for a Trainer
+    `from_pixels`; inputs, targets (B, T) int32; lengths (B,) int32."""
 
     features: jax.Array
     inputs: jax.Array
@@ -105,10 +106,17 @@ class Trainer:
         mesh: Mesh | None = None,
         remat: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        from_pixels: bool = False,
     ):
-        """`remat`: gradient checkpointing of the GPT-2 blocks. `dtype` bfloat16: compute in
-        bfloat16 (mixed precision); parameters and optimizer state stay float32."""
+        """`remat`: gradient checkpointing of the GPT-2 blocks (and of the encoder stages).
+        `dtype` bfloat16: compute in bfloat16 (mixed precision); parameters and optimizer
+        state stay float32. `from_pixels`: batches carry images, which the model's encoder
+        and head turn into features inside the step (so the encoder can train)."""
+        if from_pixels and (cfg.encoder is None or cfg.head is None):
+            raise ValueError("training from pixels needs a model with an image encoder and "
+                             "its head")
         self.cfg = cfg
+        self.from_pixels = from_pixels
         self.learning_rates = dict(learning_rates)
         self.mesh = mesh or data_mesh()
         self.remat = remat
@@ -176,9 +184,12 @@ class Trainer:
         if self.dtype != jnp.float32:  # mixed precision: float32 masters, low-precision math
             params = {p: v.astype(self.dtype) for p, v in params.items()}
         model = module_from_flat(self.cfg, params)
-        logits = model(features.astype(self.dtype), batch.inputs,
-                       rngs=None if key is None else nnx.Rngs(dropout=key),
-                       remat=self.remat and key is not None)
+        remat = self.remat and key is not None
+        features = features.astype(self.dtype)
+        if self.from_pixels:
+            features = model.encode(features, remat=remat)
+        logits = model(features, batch.inputs,
+                       rngs=None if key is None else nnx.Rngs(dropout=key), remat=remat)
         return caption_loss(logits, batch.targets, batch.lengths, self._loss)
 
     def _build_eval(self) -> Callable:

@@ -201,3 +201,40 @@ def test_bfloat16_mixed_precision_keeps_float32_params_and_a_close_loss():
     assert np.isfinite(metrics["loss"])
     assert {v.dtype for v in jax.tree.leaves((s16.trainable, s16.frozen, s16.opt_state))
             if v.ndim} == {np.dtype(np.float32)}
+
+
+def test_training_from_pixels_gives_the_encoder_gradients_and_checkpoints_its_stages():
+    cfg = CaptionerConfig.from_preset("tiny", image_size=32)
+    params = _params(cfg=cfg)
+    images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    batch = _batch()._replace(features=images)
+    rates = {"encoder": 1e-3, "encoder_head": 1e-3, "perceiver": 1e-3}
+    trainer = Trainer(cfg, rates, from_pixels=True, remat=True)
+    _, grads = _loss_and_grads(trainer, params, batch, jax.random.key(1))
+    assert {p.split(".")[0] for p in grads} == {"encoder", "encoder_head", "perceiver"}
+    assert all(np.abs(np.asarray(g)).max() > 0 for p, g in grads.items()
+               if p.endswith("conv_dw.kernel"))
+    state = trainer.init(params)
+    text = trainer._step.lower(state, trainer.shard_batch(batch)).as_text()
+    # One barrier per recomputed GPT-2 block and per encoder stage.
+    assert text.count("optimization_barrier") >= cfg.gpt2.n_layer + len(cfg.encoder.depths)
+    with pytest.raises(ValueError, match="image encoder"):
+        Trainer(CFG, rates, from_pixels=True)
+
+
+def test_encoder_remat_recomputes_the_same_gradients():
+    import jax.numpy as jnp
+
+    from lensjax.models.convnext import ConvNeXt, ConvNeXtConfig
+
+    encoder = ConvNeXt(ConvNeXtConfig.tiny(), rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+
+    def grads(remat):
+        loss = lambda m: sum(jnp.sum(jnp.sin(o)) for o in m(images, remat=remat))  # noqa: E731
+        return nnx.state(nnx.jit(nnx.grad(loss))(encoder))
+
+    plain, remat = grads(False), grads(True)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat),
+                                 strict=True):
+        np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5, err_msg=str(path))

@@ -19,7 +19,7 @@ import threading
 import unicodedata
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -171,16 +171,30 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{name}: cannot be decoded ({error})") from error
 
 
+def resize(image: Image.Image, size: int = 224) -> np.ndarray:
+    """RGB PIL image -> uint8 (size, size, 3), resized as `preprocess` resizes it."""
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB pixels (..., 3) -> float32, scaled to [0, 1] and ImageNet-normalised."""
+    return (pixels.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def preprocess(image: Image.Image, size: int = 224) -> np.ndarray:
     """RGB PIL image -> float32 (size, size, 3), resized and ImageNet-normalised."""
-    resized = image.resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    return (array - IMAGENET_MEAN) / IMAGENET_STD
+    return normalise(resize(image, size))
 
 
 def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
     """Image file -> float32 (size, size, 3) model input; ImageError for unusable files."""
     return preprocess(open_rgb(path), size)
+
+
+def load_pixels(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+    """Image file -> uint8 (size, size, 3), resized but not normalised (4x smaller to keep
+    than `load_image`'s floats); ImageError for unusable files."""
+    return resize(open_rgb(path), size)
 
 
 class FoundImages(NamedTuple):
@@ -303,10 +317,11 @@ def _matches(names: Sequence[str], pattern: Sequence[str]) -> bool:
 
 
 def load_images_in_background(
-    paths: Sequence[Path], size: int = 224, threads: int = 4, prefetch: int = 64
+    paths: Sequence[Path], size: int = 224, threads: int = 4, prefetch: int = 64,
+    loader: Callable[[Path, int], np.ndarray] = load_image,
 ) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
-    """Yield (path, image array (size, size, 3) or ImageError) in input order, decoding on
-    `threads` daemon threads.
+    """Yield (path, `loader(path, size)`: by default the float32 (size, size, 3) model input,
+    or an ImageError) in input order, decoding on `threads` daemon threads.
 
     At most `prefetch` images are decoded ahead of the consumer, so memory stays bounded.
     Closing the iterator (or an exception in the consumer, Ctrl-C included) cancels the rest;
@@ -320,7 +335,7 @@ def load_images_in_background(
         while (item := work.get()) is not None:
             path, future = item
             if future.set_running_or_notify_cancel():
-                future.set_result(_load_or_error(path, size))
+                future.set_result(_load_or_error(path, size, loader))
 
     for number in range(threads):
         threading.Thread(target=worker, name=f"image-loader-{number}", daemon=True).start()
@@ -350,11 +365,12 @@ def load_images_in_background(
             work.put(None)
 
 
-def _load_or_error(path: Path, size: int) -> np.ndarray | ImageError:
-    """`load_image`, with any failure returned as an ImageError naming the file (a decoder
-    bug on a malformed file must not leave the consumer waiting for a result)."""
+def _load_or_error(path: Path, size: int, loader: Callable[[Path, int], np.ndarray]
+                   ) -> np.ndarray | ImageError:
+    """`loader(path, size)`, with any failure returned as an ImageError naming the file (a
+    decoder bug on a malformed file must not leave the consumer waiting for a result)."""
     try:
-        return load_image(path, size)
+        return loader(path, size)
     except ImageError as error:
         return error
     except OSError as error:  # unreadable path, permissions, vanished file

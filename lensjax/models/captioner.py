@@ -181,10 +181,11 @@ class Captioner(nnx.Module):
                 "(or caption pre-computed features instead)"
             )
 
-    def encode(self, images: jax.Array) -> jax.Array:
-        """Normalised NHWC images (B, H, W, 3) -> features (B, 64, feature_dim)."""
+    def encode(self, images: jax.Array, *, remat: bool = False) -> jax.Array:
+        """Normalised NHWC images (B, H, W, 3) -> features (B, 64, feature_dim). `remat`:
+        gradient checkpointing of the encoder stages."""
         self.check_can_encode()
-        return self.encoder_head(self.encoder(images))
+        return self.encoder_head(self.encoder(images, remat=remat))
 
     def resample(self, features: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Features (B, S, feature_dim) -> Perceiver latents (B, num_latents, n_embd)."""

@@ -401,14 +401,15 @@ def usable(captions: Mapping[str, list[str]], data: Data, strict: bool, what: st
            ) -> list[tuple[str, str]]:
     """(key, caption) pairs with inputs; missing images are counted and skipped (or an error
     with `strict`)."""
-    missing = [key for key in captions if key not in data.cache]
+    from lensjax.data.batching import available_pairs
+
+    pairs, missing = available_pairs(captions, data.cache)
     if missing and strict:
         raise TrainError(f"{what}: {len(missing)} of {len(captions)} images have "
                          f"{data.missing} (first: {', '.join(missing[:5])}) (--strict)")
     if missing:
         say(f"{what}: {len(missing)} of {len(captions)} images have {data.missing} and are "
             f"skipped (first: {', '.join(missing[:3])}); --strict makes this an error")
-    pairs = [(k, c) for k, caps in captions.items() if k in data.cache for c in caps]
     if not pairs:
         raise TrainError(f"{what}: no image has inputs ({data.missing} for any)")
     return pairs

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from lensjax.data.cache import FeatureCache
+from lensjax.data.image_cache import ImageCache
 from lensjax.data.tokenizer import MAX_LEN, GPT2Tokenizer, build_sequences, shift
 
 
@@ -36,25 +37,19 @@ class Batch:
 
 
 def available_pairs(
-    captions: Mapping[str, Sequence[str]], cache: FeatureCache, *, strict: bool = False
+    captions: Mapping[str, Sequence[str]], cache: FeatureCache | ImageCache
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """(image key, caption) pairs whose features are in `cache` -> (pairs, missing keys).
-
-    With `strict`, any missing key is an error (naming how many and the first few).
-    """
+    """(image key, caption) pairs whose inputs (features, or decoded images) are in `cache`
+    -> (pairs, the keys that are not)."""
     missing = [key for key in captions if key not in cache]
-    if missing and strict:
-        raise KeyError(
-            f"{len(missing)} of {len(captions)} images have no features in the cache "
-            f"(first: {', '.join(missing[:5])})"
-        )
     skip = set(missing)
     pairs = [(k, c) for k, caps in captions.items() if k not in skip for c in caps]
     return pairs, missing
 
 
 class CaptionBatches:
-    """Fixed-size batches over (image key, caption) pairs; the last partial batch is dropped."""
+    """Fixed-size batches over (image key, caption) pairs; the last partial batch is dropped.
+    `cache` gives each batch's inputs: a FeatureCache's features or an ImageCache's images."""
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ from lensjax.cli import (
     EXIT_PARTIAL,
     SEED_MAX,
     CliParser,
+    enable_compilation_cache,
     finite_float,
     int_in,
 )
@@ -44,7 +45,6 @@ from lensjax.models.captioner import MissingComponentError
 from lensjax.runtime import DTYPES
 
 DEFAULT_WEIGHTS = Path("weights/v3b")
-CACHE_ENV = "LENSJAX_CACHE_DIR"
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
 EPILOG = """\
@@ -146,18 +146,6 @@ def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k, temperature=args.temperature, beam_width=args.beam_width,
         alpha=args.alpha, seed=args.seed, retry=not args.no_retry, batch_size=args.batch_size,
     )
-
-
-def enable_compilation_cache() -> Path:
-    """Persist compiled programs across runs (JAX's on-disk compilation cache)."""
-    import jax
-
-    directory = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lensjax" / "jax"))
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return directory
 
 
 def load_encoding_model(weights: Path, dtype: str = "float32") -> CaptionModel:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from lensjax.checks import SEED_MAX
 
 EXIT_DONE, EXIT_PARTIAL, EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+CACHE_ENV = "LENSJAX_CACHE_DIR"
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_INTERRUPTED", "EXIT_NON_FINITE", "EXIT_PARTIAL",
            "SEED_MAX", "CliParser", "describe_os_error", "finite_float", "int_in"]
@@ -63,3 +66,17 @@ def describe_os_error(error: OSError) -> str:
     if error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     return str(error)
+
+
+def enable_compilation_cache() -> Path:
+    """Persist compiled programs across runs (JAX's on-disk compilation cache) in
+    $LENSJAX_CACHE_DIR, default ~/.cache/lensjax/jax: a second run of the same program (a
+    caption run, a resumed training phase) skips compiling it."""
+    import jax
+
+    directory = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "lensjax" / "jax"))
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory

@@ -49,6 +49,7 @@ from lensjax.cli import (
     SEED_MAX,
     CliParser,
     describe_os_error,
+    enable_compilation_cache,
 )
 from lensjax.phases import DATASETS, FRESH, INIT_GROUPS, PHASES, PRETRAINED_GPT2, Phase, phase_table
 
@@ -122,6 +123,9 @@ interrupted (with the step and the last saved step).
 
 Ctrl-C stops the run at the next step (a checkpoint being written is finished first) and
 says which step latest/ holds; the same command with --resume continues from there.
+
+Compiled steps are kept in $LENSJAX_CACHE_DIR (default ~/.cache/lensjax/jax), so a resumed
+or repeated run of the same model skips compiling.
 
 exit status: 0 done, 2 bad input, 3 stopped on a non-finite loss, 130 interrupted (Ctrl-C).
 """
@@ -1176,6 +1180,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         check_output(out, directory=True)
     except OutputError as error:
         raise TrainError(f"--out: {error}") from None
+    try:  # a resumed phase, or the next one of the same model, skips compiling its step
+        enable_compilation_cache()
+    except OSError as error:
+        _say(f"note: compiled programs are not kept between runs ({describe_os_error(error)})")
     interrupts = InterruptGuard()
     with interrupts.installed():
         try:

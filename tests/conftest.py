@@ -4,6 +4,7 @@ files, and the lensjax models the bridge makes of them (cached per preset and se
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -12,6 +13,20 @@ import pytest
 import torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache(tmp_path_factory):
+    """The CLIs keep compiled programs in $LENSJAX_CACHE_DIR (default ~/.cache/lensjax/jax):
+    during the tests, in a temporary folder. JAX sets its on-disk cache up once per process,
+    so one folder serves the whole session (and repeated CLI runs reuse what it holds)."""
+    previous = os.environ.get("LENSJAX_CACHE_DIR")
+    os.environ["LENSJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield
+    if previous is None:
+        del os.environ["LENSJAX_CACHE_DIR"]
+    else:
+        os.environ["LENSJAX_CACHE_DIR"] = previous
 
 from bridge import import_model  # noqa: E402
 from lensjax import CaptionerConfig, CaptionModel  # noqa: E402

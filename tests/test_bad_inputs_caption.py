@@ -57,17 +57,6 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "noenc": str(_save_tiny(root / "noenc", encoder=None, head=None))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-    """The CLIs enable JAX's on-disk cache: keep it in this module's temporary folder."""
-    previous = os.environ.get("LENSJAX_CACHE_DIR")
-    os.environ["LENSJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
-    yield
-    if previous is None:
-        del os.environ["LENSJAX_CACHE_DIR"]
-    else:
-        os.environ["LENSJAX_CACHE_DIR"] = previous
-
 
 def _with_checkpoints(case: Case, checkpoints: dict[str, str]) -> Case:
     """`case` with {ckpt} / {noenc} in its arguments replaced by the checkpoint paths."""

@@ -27,17 +27,6 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-    """JAX sets its on-disk cache up once per process: one directory for this module."""
-    previous = os.environ.get("LENSJAX_CACHE_DIR")
-    os.environ["LENSJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
-    yield
-    if previous is None:
-        del os.environ["LENSJAX_CACHE_DIR"]
-    else:
-        os.environ["LENSJAX_CACHE_DIR"] = previous
-
 
 def _folder(tmp_path, good=3):
     folder = tmp_path / "photos"

@@ -8,6 +8,10 @@ Two protocols, always reported side by side and labelled:
 - `coco_metrics` is the standard COCO caption evaluation (pycocoevalcap: PTB tokenizer,
   corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr, and SPICE where its Stanford models are
   installed). Its BLEU-4 is a corpus BLEU and differs from the per-image mean above.
+
+For the built-in synthetic set, `--scenes scenes.jsonl` adds what the captions get right
+against each image's scene (`lensjax.scene_scores`): (size, colour, kind) triple F1, exact
+triple sets, shape count and background.
 """
 
 from __future__ import annotations

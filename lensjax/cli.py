@@ -17,8 +17,9 @@ from lensjax.checks import SEED_MAX
 EXIT_DONE, EXIT_PARTIAL, EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CACHE_ENV = "LENSJAX_CACHE_DIR"
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_INTERRUPTED", "EXIT_NON_FINITE", "EXIT_PARTIAL",
-           "SEED_MAX", "CliParser", "describe_os_error", "finite_float", "int_in"]
+__all__ = ["CACHE_ENV", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_INTERRUPTED", "EXIT_NON_FINITE",
+           "EXIT_PARTIAL", "SEED_MAX", "CliParser", "describe_os_error",
+           "enable_compilation_cache", "finite_float", "int_in"]
 
 
 class CliParser(argparse.ArgumentParser):

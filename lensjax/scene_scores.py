@@ -104,11 +104,6 @@ class SceneScores:
     def as_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
 
-    def summary(self) -> str:
-        return (f"triple F1 {self.triple_f1:.3f}, exact sets {self.exact_sets:.1%}, "
-                f"count {self.count:.1%}, background {self.background:.1%} "
-                f"(named in {self.background_named:.0%})")
-
 
 def score_scenes(predictions: Mapping[str, str], scenes: Mapping[str, Scene]) -> SceneScores:
     """Score {image name: caption} against {image name: Scene}; images without a scene are

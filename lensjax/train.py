@@ -398,6 +398,7 @@ def load_data(paths: DataPaths, settings: Settings) -> Data:
     cache = ImageCache(paths.images, [*train, *val], settings.image_size)
     for problem in cache.problems[:3]:
         _say(f"skipped: {problem}")
+    _say(f"{len(cache)} images decoded and kept in memory: {cache.nbytes / 2**20:.0f} MB")
     return Data(train, val, cache, [*sources, paths.images], from_pixels=True)
 
 

@@ -29,14 +29,13 @@ class ImageCache:
 
     def __init__(self, folder: str | os.PathLike, keys: Iterable[str], size: int, *,
                  threads: int | None = None, progress: bool = True):
-        self.folder = Path(folder)
-        self.size = size
+        folder = Path(folder)
         wanted = list(dict.fromkeys(keys))
         threads = threads or min(8, max(2, os.cpu_count() or 1))
         self.problems: list[ImageError] = []
         index: dict[str, int] = {}
         pixels = np.empty((len(wanted), size, size, 3), np.uint8)
-        paths = [self.folder / key for key in wanted]
+        paths = [folder / key for key in wanted]
         loaded = load_images_in_background(paths, size, threads, prefetch=4 * threads,
                                            loader=load_pixels)
         with tqdm(total=len(paths), desc=f"decoding images ({size}x{size})", unit="img",

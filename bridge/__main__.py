@@ -15,11 +15,16 @@ examples:
   python -m bridge import --perceiver weights/best_perciever.pth \\
       --gpt2-blocks weights/best_gpt2.pth --cross-attention weights/best_cross_attention.pth \\
       --gpt2 weights/gpt2 --out weights/v3b
+  python -m bridge import --family v3a --projection-head weights/best_projection_head.pth \
+      --decoder weights/best_decoder.pth --out weights/v3a
   python -m bridge export weights/v3b --out exported/
   python -m bridge inspect weights/best_perciever.pth
 
-Layouts (notebook = the released files, src = LensToWords' src/model.py) are detected from the
-keys. .pth files are read with torch.load(weights_only=True) only: pickled code is refused.
+Families: v3b (--perceiver, --gpt2-blocks, --cross-attention, --gpt2; the default) and v3a
+(--projection-head, --decoder: the v3a notebook's files); both take --encoder and
+--encoder-head. v3b's layouts (notebook = the released files, src = LensToWords'
+src/model.py) are detected from the keys. .pth files are read with
+torch.load(weights_only=True) only: pickled code is refused.
 import refuses NaN or infinite weights; export checks every array of the checkpoint against
 the checksum saved with it. --out must not be, contain or lie inside an input.
 
@@ -44,23 +49,36 @@ def _parser() -> argparse.ArgumentParser:
         "Every problem (missing, unexpected or mis-shaped keys, NaN or infinite weights) of "
         "every file is listed in one error.",
     )
-    imp.add_argument("--perceiver", required=True, type=Path,
-                     help="best_perciever.pth (notebook or src layout)")
-    imp.add_argument("--gpt2-blocks", required=True, type=Path,
+    imp.add_argument("--family", choices=("v3b", "v3a", "clip"), default="v3b",
+                     help="which generation the files are, or clip for the CLIP scorer of "
+                     "v3d's filter (default: v3b)")
+    v3b = imp.add_argument_group("v3b files (all four needed)")
+    v3b.add_argument("--perceiver", type=Path, help="best_perciever.pth (notebook or src layout)")
+    v3b.add_argument("--gpt2-blocks", type=Path,
                      help="best_gpt2.pth: the fine-tuned GPT-2 blocks")
-    imp.add_argument("--cross-attention", required=True, type=Path,
-                     help="best_cross_attention.pth")
-    imp.add_argument("--gpt2", required=True, type=Path,
+    v3b.add_argument("--cross-attention", type=Path, help="best_cross_attention.pth")
+    v3b.add_argument("--gpt2", type=Path,
                      help="public HF gpt2 folder, or its model.safetensors / pytorch_model.bin "
                      "(supplies wte, wpe, ln_f)")
+    v3a = imp.add_argument_group("v3a files (both needed)")
+    v3a.add_argument("--projection-head", type=Path, help="best_projection_head.pth")
+    v3a.add_argument("--decoder", type=Path,
+                     help="best_decoder.pth (the Transformer, with its positional_encoding)")
+    clip = imp.add_argument_group("clip weights (one of)").add_mutually_exclusive_group()
+    clip.add_argument("--hf", type=Path, help="an HF CLIPModel folder (or model.safetensors)")
+    clip.add_argument("--openai", type=Path,
+                      help="OpenAI's ViT-B-32.pt (a TorchScript archive: its tensors are read, "
+                      "its code never runs)")
+    clip.add_argument("--open-clip", type=Path, help="an open_clip state dict (.pth/.bin)")
     imp.add_argument("--encoder", type=Path,
                      help="timm ConvNeXt-Tiny weights (.pth or .safetensors); without it the "
                      "checkpoint captions pre-computed features only")
     imp.add_argument("--encoder-head",
                      help="encoder head file (projections.{0,1,2}/norm or proj1..3/norm), or "
                      "'random' for a fresh head initialised from --seed")
-    imp.add_argument("--preset", default="v3b",
-                     help="model shape to convert into (default: v3b; 'tiny' for test files)")
+    imp.add_argument("--preset",
+                     help="model shape to convert into (default: the family's full size, v3b "
+                     "or v3a; 'tiny' / 'v3a-tiny' for test files)")
     imp.add_argument("--seed", type=int, default=0,
                      help="seed of a random encoder head (default: 0)")
     imp.add_argument("--out", required=True, type=Path,
@@ -79,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, type=Path,
                      help="directory to write (not the checkpoint, nor a folder that holds or "
                      "is inside it)")
-    exp.add_argument("--layout", choices=("notebook", "src"),
+    exp.add_argument("--layout", choices=("notebook", "src", "v3a"),
                      help="check the model is in this layout (default: the model's own)")
     exp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                      help="cast every tensor (default: each file's dtype at import)")
@@ -111,14 +129,22 @@ def _inspect(files: list[Path]) -> None:
               f"layout: {', '.join(layouts) or 'unknown'}")
 
 
+IMPORT_FILES = ("perceiver", "gpt2_blocks", "cross_attention", "gpt2", "projection_head",
+                "decoder", "encoder", "encoder_head", "hf", "openai", "open_clip")
+
+
+def _import_files(args: argparse.Namespace) -> dict[str, Path | str]:
+    """The files and folders that `import` was given, by component."""
+    return {name: getattr(args, name) for name in IMPORT_FILES
+            if getattr(args, name) is not None}
+
+
 def _import_inputs(args: argparse.Namespace) -> list[str | Path]:
     """The files and folders that `import` reads."""
     from bridge.convert import RANDOM
 
-    inputs = [args.perceiver, args.gpt2_blocks, args.cross_attention, args.gpt2, args.encoder]
-    if args.encoder_head != RANDOM:
-        inputs.append(args.encoder_head)
-    return [path for path in inputs if path is not None]
+    return [path for name, path in _import_files(args).items()
+            if not (name == "encoder_head" and path == RANDOM)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,21 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             from bridge.convert import check_out, import_model
 
             check_out(args.out, _import_inputs(args), force=args.force)
-            model = import_model(
-                perceiver=args.perceiver,
-                gpt2_blocks=args.gpt2_blocks,
-                cross_attention=args.cross_attention,
-                gpt2=args.gpt2,
-                encoder=args.encoder,
-                encoder_head=args.encoder_head,
-                preset=args.preset,
-                seed=args.seed,
-                log=print,
-            )
+            if args.family == "clip":
+                from bridge.convert import import_clip_model
+
+                files = _import_files(args)
+                if set(files) != {"hf"} and set(files) != {"openai"} and set(files) != {
+                        "open_clip"}:
+                    raise BridgeError("a clip import reads one of --hf, --openai, --open-clip "
+                                      f"(given: {', '.join(files) or 'none'})")
+                clip_model = import_clip_model(next(iter(files.values())), log=print,
+                                               preset=args.preset or "clip-vit-b-32")
+                clip_model.save(args.out, overwrite=args.force)
+                print(f"wrote {args.out} ({clip_model.config.describe()})")
+                return 0
+            model = import_model(family=args.family, preset=args.preset, seed=args.seed,
+                                 log=print, **_import_files(args))
             model.save(args.out, overwrite=args.force)
             missing = [c for c, r in model.metadata["components"].items()
                        if r.get("status") == "absent"]
-            print(f"wrote {args.out} (preset {model.config.preset}, layout {model.config.layout}"
+            print(f"wrote {args.out} ({model.config.describe()}"
                   + (f"; no {' or '.join(missing)}: it captions pre-computed features only)"
                      if missing else ")"))
         elif args.command == "export":

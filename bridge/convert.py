@@ -37,9 +37,12 @@ from bridge.tables import DESCRIPTIONS, EXPORT_TABLES, TABLES, Table
 from lensjax.api import CaptionModel
 from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
 from lensjax.files import OutputError, check_output, temporary_sibling
-from lensjax.models.captioner import PRESETS, CaptionerConfig
+from lensjax.models.clip.config import CLIPConfig
 from lensjax.models.convnext import MultiScaleHead
-from lensjax.params import abstract_params, check_params, flat_params
+from lensjax.models.families import config_from_metadata
+from lensjax.models.v3a import V3AConfig
+from lensjax.models.v3b.captioner import PRESETS, CaptionerConfig
+from lensjax.params import abstract_params, build_captioner, check_params, flat_params
 
 RANDOM = "random"
 
@@ -187,7 +190,7 @@ def flax_to_torch(table: Table, params: Mapping[str, np.ndarray]) -> StateDict:
     for key in sorted(groups, key=_natural_key):
         rule, binds = groups[key]
         arrays = [np.asarray(params[t.format(**binds)]) for t in rule.flax]
-        tensors[key] = np.ascontiguousarray(rule.transform.to_torch(arrays))
+        tensors[key] = np.asarray(rule.transform.to_torch(arrays), order="C")
     for tied, original in table.tied:
         if original in tensors:
             tensors[tied] = tensors[original].copy()
@@ -228,42 +231,20 @@ def _preset_for_layout(preset: str, layout: str) -> str:
     return name
 
 
-def import_params(
-    *,
-    perceiver: str | os.PathLike,
-    gpt2_blocks: str | os.PathLike,
-    cross_attention: str | os.PathLike,
-    gpt2: str | os.PathLike,
-    encoder: str | os.PathLike | None = None,
-    encoder_head: str | os.PathLike | None = None,
-    preset: str = "v3b",
-    seed: int = 0,
-    log=None,
-) -> tuple[CaptionerConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """Read the released files -> (config, {flax path: array}, components metadata).
+# The files each family's import reads (component -> required), in conversion order. v3b's
+# public gpt2 file comes last: it supplies wte, wpe and ln_f, and its blocks are superseded by
+# the released (fine-tuned) ones.
+FAMILY_FILES: dict[str, dict[str, bool]] = {
+    "v3b": {"perceiver": True, "gpt2_blocks": True, "cross_attention": True,
+            "encoder": False, "encoder_head": False, "gpt2": True},
+    "v3a": {"projection_head": True, "decoder": True, "encoder": False, "encoder_head": False},
+}
+DEFAULT_PRESETS = {"v3b": "v3b", "v3a": "v3a"}
 
-    `encoder_head="random"` makes a fresh head initialised from `seed` (a saved, seeded
-    component, since LensToWords never saved its head). `log` receives progress lines.
-    """
-    say = log or (lambda message: None)
-    given = {
-        "perceiver": perceiver,
-        "gpt2_blocks": gpt2_blocks,
-        "cross_attention": cross_attention,
-        "gpt2": gpt2,
-        "encoder": encoder,
-        "encoder_head": None if encoder_head == RANDOM else encoder_head,
-    }
-    sources: dict[str, Source] = {}
-    for component, path in given.items():
-        if path is None:
-            continue
-        resolved = resolve_weights_file(path)
-        tensors = read_state_dict(resolved)
-        table = detect_table(component, resolved, tensors)
-        sources[component] = Source(component, resolved, tensors, table)
-        say(f"read {resolved} ({len(tensors)} tensors): {table.name}")
 
+def _v3b_config(sources: Mapping[str, Source], preset: str) -> CaptionerConfig:
+    """The v3b preset in the layout of the Perceiver and cross-attention files (which must
+    agree)."""
     layouts = {c: sources[c].table.name.split("/")[1] for c in ("perceiver", "cross_attention")}
     if layouts["perceiver"] != layouts["cross_attention"]:
         raise BridgeError(
@@ -271,7 +252,56 @@ def import_params(
             f"cross-attention file is in the {layouts['cross_attention']} layout; "
             "both must come from the same model"
         )
-    cfg = CaptionerConfig.from_preset(_preset_for_layout(preset, layouts["perceiver"]))
+    return CaptionerConfig.from_preset(_preset_for_layout(preset, layouts["perceiver"]))
+
+
+def import_params(
+    *,
+    family: str = "v3b",
+    preset: str | None = None,
+    seed: int = 0,
+    log=None,
+    **files: str | os.PathLike | None,
+) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """Read the released files of a `family` -> (config, {flax path: array}, components).
+
+    v3b: `perceiver`, `gpt2_blocks`, `cross_attention`, `gpt2` (the public HF gpt2, for wte,
+    wpe and ln_f); v3a: `projection_head`, `decoder`; both optionally `encoder` and
+    `encoder_head` (`"random"`: a fresh head initialised from `seed`, a saved, seeded
+    component, since LensToWords never saved its head). `preset` defaults to the family's
+    full-size one. `log` receives progress lines.
+    """
+    say = log or (lambda message: None)
+    if family not in FAMILY_FILES:
+        raise BridgeError(f"unknown family {family!r}; the bridge reads "
+                          f"{', '.join(FAMILY_FILES)}")
+    wanted = FAMILY_FILES[family]
+    unknown = sorted(c for c, path in files.items() if c not in wanted and path is not None)
+    missing = [c for c, required in wanted.items() if required and files.get(c) is None]
+    if unknown or missing:
+        raise BridgeError(f"a {family} import reads {', '.join(wanted)}"
+                          + (f"; missing: {', '.join(missing)}" if missing else "")
+                          + (f"; not {family} files: {', '.join(unknown)}" if unknown else ""))
+    encoder, encoder_head = files.get("encoder"), files.get("encoder_head")
+    sources: dict[str, Source] = {}
+    for component in wanted:
+        path = files.get(component)
+        if path is None or (component == "encoder_head" and path == RANDOM):
+            continue
+        resolved = resolve_weights_file(path)
+        tensors = read_state_dict(resolved)
+        table = detect_table(component, resolved, tensors)
+        sources[component] = Source(component, resolved, tensors, table)
+        say(f"read {resolved} ({len(tensors)} tensors): {table.name}")
+
+    preset = preset or DEFAULT_PRESETS[family]
+    if family == "v3b":
+        cfg = _v3b_config(sources, preset)
+    else:
+        try:
+            cfg = V3AConfig.from_preset(preset)
+        except ValueError as error:
+            raise BridgeError(str(error)) from None
     cfg = dataclasses.replace(
         cfg,
         encoder=cfg.encoder if encoder is not None else None,
@@ -281,16 +311,11 @@ def import_params(
 
     params: dict[str, np.ndarray] = {}
     problems: dict[Path, list[str]] = {}
-    for component in ("perceiver", "gpt2_blocks", "cross_attention", "encoder", "encoder_head"):
-        if component in sources:
-            converted, found = torch_to_flax(sources[component], expected)
-            params.update(converted)
-            problems[sources[component].path] = found
-    # The public gpt2 file supplies wte, wpe and ln_f; its blocks are superseded by the
-    # released (fine-tuned) ones.
-    converted, found = torch_to_flax(sources["gpt2"], expected, frozenset(params))
-    params.update(converted)
-    problems[sources["gpt2"].path] = found
+    for component, source in sources.items():
+        exclude = frozenset(params) if component == "gpt2" else frozenset()
+        converted, found = torch_to_flax(source, expected, exclude)
+        params.update(converted)
+        problems[source.path] = found
     _raise_problems(problems, f"converting to preset {cfg.preset!r}")
 
     components: dict[str, Any] = {
@@ -313,6 +338,42 @@ def import_params(
         say(f"encoder head: fresh random initialisation, seed {seed}")
     check_params(cfg, params)
     return cfg, params, components
+
+
+def import_clip(path: str | os.PathLike, *, preset: str = "clip-vit-b-32", log=None
+                ) -> tuple[CLIPConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """A CLIP state dict -> (config, {flax path: array}, components). `path`: an HF
+    `CLIPModel` folder or its `model.safetensors`, or an open_clip / OpenAI state dict saved
+    with `torch.save` (`.pth`, `.bin`). Half-precision weights are recorded as such (export
+    restores them) and computed in float32."""
+    say = log or (lambda message: None)
+    resolved = resolve_weights_file(path)
+    tensors = read_state_dict(resolved)
+    source = Source("clip", resolved, tensors, detect_table("clip", resolved, tensors))
+    say(f"read {resolved} ({len(tensors)} tensors): {source.table.name}")
+    try:
+        cfg = CLIPConfig.from_preset(preset)
+    except ValueError as error:
+        raise BridgeError(str(error)) from None
+    params, problems = torch_to_flax(source, abstract_params(cfg))
+    _raise_problems({resolved: problems}, f"converting to preset {cfg.preset!r}")
+    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    check_params(cfg, params)
+    components = {"clip": {"source": str(resolved), "sha256": _sha256(resolved),
+                           "table": source.table.name, **_dtype_record(tensors, source.table)}}
+    return cfg, params, components
+
+
+def import_clip_model(path: str | os.PathLike, *, preset: str = "clip-vit-b-32", log=None):
+    """`import_clip` -> a ready `lensjax.clip.ClipModel`."""
+    from lensjax.clip import ClipModel
+
+    cfg, params, components = import_clip(path, preset=preset, log=log)
+    metadata = {"components": components,
+                "provenance": {"created_by": "bridge import", "lensjax_version":
+                               lensjax.__version__, "created":
+                               datetime.datetime.now(datetime.UTC).isoformat()}}
+    return ClipModel(build_captioner(cfg, params), metadata)
 
 
 def import_gpt2(path: str | os.PathLike, cfg: CaptionerConfig) -> dict[str, np.ndarray]:
@@ -374,6 +435,27 @@ def _hf_config(cfg: CaptionerConfig) -> dict[str, Any]:
     }
 
 
+def _hf_clip_config(cfg: CLIPConfig) -> dict[str, Any]:
+    """config.json of an HF `CLIPModel` with `cfg`'s shapes (QuickGELU, eps 1e-5)."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width,
+                        "intermediate_size": 4 * t.width, "num_hidden_layers": t.layers,
+                        "num_attention_heads": t.heads,
+                        "max_position_embeddings": t.context_length,
+                        "hidden_act": "quick_gelu", "layer_norm_eps": cfg.eps,
+                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+        "vision_config": {"image_size": v.image_size, "patch_size": v.patch_size,
+                          "hidden_size": v.width, "intermediate_size": 4 * v.width,
+                          "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+                          "hidden_act": "quick_gelu", "layer_norm_eps": cfg.eps},
+    }
+
+
 def _restore_dtypes(
     tensors: StateDict, table: Table, record: Mapping[str, Any] | None, dtype: str | None
 ) -> StateDict:
@@ -397,19 +479,22 @@ def export_files(
 ) -> dict[str, Path]:
     """Write a checkpoint as LensToWords' files -> {component: written path}.
 
-    Files: best_perciever.pth, best_gpt2.pth, best_cross_attention.pth, encoder_head.pth and
-    encoder_convnext_tiny.pth (when present), and a gpt2/ folder (config.json +
-    model.safetensors, a complete GPT2LMHeadModel). `out` is checked by `check_out` before
+    Files of a v3b model: best_perciever.pth, best_gpt2.pth, best_cross_attention.pth and a
+    gpt2/ folder (config.json + model.safetensors, a complete GPT2LMHeadModel); of a v3a
+    model: best_projection_head.pth and best_decoder.pth; of either, encoder_head.pth and
+    encoder_convnext_tiny.pth when present. `layout`, if given, must be the model's (v3b:
+    notebook or src; v3a: v3a). `out` is checked by `check_out` before
     the checkpoint is read (and verified against its checksums); it is replaced only when
     complete.
     """
     say = log or (lambda message: None)
     out = check_out(out, [checkpoint], force=force).absolute()
     params, metadata = load_checkpoint(checkpoint)
-    cfg = CaptionerConfig.from_dict(metadata["config"])
-    if layout is not None and layout != cfg.layout:
+    cfg = config_from_metadata(metadata)
+    own_layout = cfg.layout if cfg.family == "v3b" else cfg.family
+    if layout is not None and layout != own_layout:
         raise BridgeError(
-            f"this model is built in the {cfg.layout} layout; the {layout} layout is a "
+            f"this model is built in the {own_layout} layout; the {layout} layout is a "
             "different architecture, so its weights cannot be written in it"
         )
     records = metadata.get("components", {})
@@ -417,17 +502,18 @@ def export_files(
     written: dict[str, Path] = {}
     try:
         tmp.mkdir(parents=True)
-        for component, table in EXPORT_TABLES[cfg.layout].items():
+        for component, table in EXPORT_TABLES[own_layout].items():
             tensors = flax_to_torch(table, params)
             if not tensors:
                 say(f"{component}: not in this checkpoint, skipped")
                 continue
             tensors = _restore_dtypes(tensors, table, records.get(component), dtype)
             target = tmp / table.filename
-            if component == "gpt2":
+            if component in ("gpt2", "clip"):  # an HF folder: safetensors + config.json
                 target.parent.mkdir(exist_ok=True)
                 write_safetensors(target, tensors)
-                (target.parent / "config.json").write_text(json.dumps(_hf_config(cfg), indent=2))
+                config = _hf_config(cfg) if component == "gpt2" else _hf_clip_config(cfg)
+                (target.parent / "config.json").write_text(json.dumps(config, indent=2))
             else:
                 write_torch_file(target, tensors)
             written[component] = out / table.filename

@@ -110,7 +110,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a .safetensors file that transformers reads (`format: pt` metadata)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # 0-d stays 0-d
     for key, array in arrays.items():
         header[key] = {
             "dtype": _SAFETENSORS_NAMES[array.dtype],
@@ -149,7 +149,7 @@ def tensor_to_numpy(tensor) -> np.ndarray:
 def numpy_to_tensor(array: np.ndarray):
     """Inverse of `tensor_to_numpy`."""
     torch = _torch()
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(array.copy())
@@ -174,9 +174,22 @@ def _check_torch_format(path: Path) -> None:
 
 
 def read_torch_file(path: Path) -> StateDict:
-    """`torch.load(path, weights_only=True)` -> {key: numpy array}, with clear errors."""
-    torch = _torch()
+    """`torch.load(path, weights_only=True)` -> {key: numpy array}, with clear errors. A
+    TorchScript archive (OpenAI's CLIP `.pt`) is read by `bridge.torchscript` instead, which
+    never runs its code."""
     _check_torch_format(path)
+    from bridge.torchscript import is_torchscript, read_torchscript
+
+    if is_torchscript(path):
+        try:
+            return read_torchscript(path)
+        except pickle.UnpicklingError as error:
+            raise BridgeError(f"{path}: refused to load this TorchScript archive: {error} "
+                              "(only module trees of tensors are read, never code)") from error
+        except (KeyError, ValueError, StopIteration, zipfile.BadZipFile, EOFError) as error:
+            raise BridgeError(f"{path}: not a readable TorchScript archive (truncated or "
+                              f"corrupt?): {error!r}") from error
+    torch = _torch()
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

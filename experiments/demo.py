@@ -36,6 +36,7 @@ from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.synthetic import generate, read_scenes
 from lensjax.evaluate import corpus_bleu4, seed_bleu4, seed_bleu4_per_image, write_gallery
 from lensjax.files import write_text_atomic
+from lensjax.phases import PHASES as PHASE_TABLE
 from lensjax.scene_scores import SceneScores, score_scenes
 from lensjax.train import RunFolder, plot_losses
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = OUT / "runs"
     for number, phase in enumerate(PHASES, 1):
-        _step(3, f"training phase {number}/3: {train.PHASES[phase].summary}", started)
+        _step(3, f"training phase {number}/3: {PHASE_TABLE[phase].summary}", started)
         extra = ["--init", f"encoder={OUT / 'encoder'}"] if phase == PHASES[0] else []
         _cli(train, ["--phase", phase, "--data", str(captions_file), "--features",
                      str(OUT / "features"), "--runs-dir", str(runs), "--plot",

@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint, save_checkpoint
+from lensjax.checkpoint import (
+    GPT2_TOKENIZER,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lensjax.checks import SEED_MAX, check_bool, check_int, check_real
 from lensjax.data.images import load_image, read_file_bytes
 from lensjax.data.tokenizer import GPT2Tokenizer
@@ -32,22 +37,24 @@ from lensjax.generate import (
     row_identity,
     row_keys,
 )
-from lensjax.models.captioner import Captioner, CaptionerConfig
+from lensjax.models.families import config_from_metadata, family_of
 from lensjax.params import build_captioner, flat_params
 from lensjax.runtime import Layout, inference_module, resolve_dtype
 
 
 class CaptionModel:
-    """A Captioner plus its metadata (components, provenance), with jitted entry points."""
+    """A captioner of any family (`lensjax.models.families`: v3b, v3a) plus its metadata
+    (components, provenance), with jitted entry points."""
 
-    def __init__(self, module: Captioner, metadata: Mapping[str, Any] | None = None, *,
+    def __init__(self, module: nnx.Module, metadata: Mapping[str, Any] | None = None, *,
                  dtype: str = "float32", layout: Layout = "auto"):
         """`dtype` "bfloat16" stores the decoder's matmul weights in bfloat16 (products
         accumulate in float32; norms, softmax and the image encoder stay float32); `layout`
         how they are laid out ("auto": the fastest for this backend, see `lensjax.runtime`)."""
         self.dtype = resolve_dtype(dtype).name
         self.module = inference_module(module, self.dtype, layout)
-        self.config: CaptionerConfig = module.cfg
+        self.config: Any = module.cfg  # the family's config (CaptionerConfig, V3AConfig)
+        self.family = family_of(self.config)
         self.metadata: dict[str, Any] = dict(metadata or {})
         graphdef, self.state = nnx.split(self.module)
 
@@ -65,7 +72,7 @@ class CaptionModel:
 
     @classmethod
     def from_params(
-        cls, cfg: CaptionerConfig, params: Mapping[str, np.ndarray], metadata: Mapping | None,
+        cls, cfg: Any, params: Mapping[str, np.ndarray], metadata: Mapping | None,
         *, dtype: str = "float32",
     ) -> CaptionModel:
         return cls(build_captioner(cfg, params), metadata, dtype=dtype)
@@ -104,7 +111,7 @@ class CaptionModel:
         """Features (B, 64, feature_dim), ids int (B, T) -> float32 logits (B, T, vocab)."""
         features = self._check_features(features)
         input_ids = np.asarray(input_ids)
-        vocab = self.config.gpt2.vocab_size
+        vocab = self.config.vocab_size
         if input_ids.ndim != 2 or input_ids.shape[0] != features.shape[0] or not (
                 input_ids.shape[1] >= 1):
             raise ValueError(
@@ -131,24 +138,26 @@ class CaptionModel:
         method: Method = "topk",
         max_new_tokens: int = 50,
         min_new_tokens: int = 0,
-        top_k: int = 20,
-        temperature: float = 0.7,
+        top_k: int | None = None,
+        temperature: float | None = None,
         beam_width: int = 5,
         alpha: float = 0.7,
         seed: int = 0,
         *,
         stop_at_period: bool = True,
         stop_on_repeat: bool | None = None,
-        retry: bool = True,
+        retry: bool | None = None,
         batch_size: int = 32,
         identities: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Caption tokens for features float32 (B, 64, D) -> int32 (B, max_new_tokens).
 
         Tokens exclude the BOS; each row is EOS (50256) after its end. Methods: "greedy",
-        "topk" (LensToWords' default: top_k 20, temperature 0.7, and its retry rule when
-        `retry`; temperature 0 is greedy), "beam" (beam_width 5, alpha 0.7). Batches of at
-        most `batch_size` are padded to a few fixed sizes, compiled once each.
+        "topk" (temperature 0 is greedy), "beam" (beam_width 5, alpha 0.7). `top_k`,
+        `temperature` and `retry` (LensToWords' resampling of degenerate top-k captions)
+        default to the family's sampler: v3b top-k 20 at 0.7 with the retry rule, v3a top-k
+        50 at 1.0 without it. Batches of at most `batch_size` are padded to a few fixed sizes,
+        compiled once each.
 
         A row's sampling keys come from `seed` and its identity: `identities[i]` (an int in
         0..2**64-1, e.g. `lensjax.generate.row_identity(file_bytes)`), else the bytes of
@@ -156,6 +165,10 @@ class CaptionModel:
         last bits, so pass the inputs' identities to make captions independent of batching
         (`caption` does). Every argument is checked before any work (ValueError naming it).
         """
+        defaults = self.family.decoding
+        top_k = defaults["top_k"] if top_k is None else top_k
+        temperature = defaults["temperature"] if temperature is None else temperature
+        retry = defaults["retry"] if retry is None else retry
         check_int("batch_size", batch_size, 1)
         check_int("seed", seed, 0, SEED_MAX)
         check_real("alpha", alpha)
@@ -165,10 +178,9 @@ class CaptionModel:
             method = "greedy"
         options = DecodeOptions(method, max_new_tokens, min_new_tokens, top_k, beam_width,
                                 stop_at_period, stop_on_repeat)
-        check_int("top_k", top_k, 1, self.config.gpt2.vocab_size)
-        check_int("beam_width", beam_width, 1, self.config.gpt2.vocab_size)
-        prefix = 1 + (self.config.perceiver.num_latents if self.config.mode == "prepend" else 0)
-        check_int("max_new_tokens", max_new_tokens, 1, self.config.gpt2.n_positions - prefix)
+        check_int("top_k", top_k, 1, self.config.vocab_size)
+        check_int("beam_width", beam_width, 1, self.config.vocab_size)
+        check_int("max_new_tokens", max_new_tokens, 1, self.config.max_new_tokens)
         features = self._check_features(features)
         ids = self._identities(features, identities)
         tokens = self._decode_batches(features, ids, 0, seed, temperature, alpha, options,
@@ -284,6 +296,7 @@ class CaptionModel:
         """Write a checkpoint directory that `load_pretrained` reads back (always float32)."""
         metadata = {
             **self.metadata,
+            "family": self.family.name,
             "config": self.config.to_dict(),
             "tokenizer": self.metadata.get("tokenizer", GPT2_TOKENIZER),
         }
@@ -310,16 +323,30 @@ def file_identity(path: str | os.PathLike) -> int:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
-                    verify: bool = True) -> CaptionModel:
-    """Load a lensjax checkpoint directory (from `bridge import` or `CaptionModel.save`).
+                    verify: bool = True) -> CaptionModel | Any:
+    """Load a lensjax checkpoint directory (from `bridge import` or `CaptionModel.save`):
+    a CaptionModel for a captioner family, a `lensjax.clip.ClipModel` for CLIP.
 
     `dtype` "bfloat16" stores the decoder's weights in bfloat16 for faster decoding (see
     `CaptionModel`); `verify` False skips the per-array checksums (about 0.5 s per GB).
     """
     dtype = resolve_dtype(dtype).name
     params, metadata = load_checkpoint(path, verify=verify)
-    cfg = CaptionerConfig.from_dict(metadata["config"])
+    cfg = config_from_metadata(metadata)
+    if not family_of(cfg).captioner:  # CLIP: a scorer (lensjax.clip)
+        from lensjax.clip import ClipModel
+
+        return ClipModel(build_captioner(cfg, params), metadata)
     return CaptionModel.from_params(cfg, params, metadata, dtype=dtype)
+
+
+def load_captioner(path: str | os.PathLike, *, dtype: str = "float32") -> CaptionModel:
+    """`load_pretrained` of a captioner; a CLIP checkpoint is a CheckpointError saying so."""
+    model = load_pretrained(path, dtype=dtype)
+    if not isinstance(model, CaptionModel):
+        raise CheckpointError(f"{path} is a CLIP checkpoint: it scores image-caption pairs "
+                              "(python -m lensjax.filter) and cannot caption")
+    return model
 
 
 def build_model(

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from lensjax.api import CaptionModel, file_identity, load_pretrained
+from lensjax.api import CaptionModel, file_identity, load_captioner
 from lensjax.checkpoint import CheckpointError
 from lensjax.cli import (
     EXIT_BAD_INPUT,
@@ -41,7 +41,7 @@ from lensjax.data.images import (
     load_images_in_background,
 )
 from lensjax.files import check_output, temporary_sibling
-from lensjax.models.captioner import MissingComponentError
+from lensjax.models.encoding import MissingComponentError
 from lensjax.runtime import DTYPES
 
 DEFAULT_WEIGHTS = Path("weights/v3b")
@@ -54,8 +54,9 @@ examples:
   python -m lensjax.caption --image path/to/image.jpg --top-k 30 --temp 0.8
       (LensToWords' demo flags --image, --beam, --beam-width, --top-k, --temp work too)
 
-Decoding follows LensToWords: top-k 20 at temperature 0.7 with its retry rule by default,
---beam for beam search (width 5, alpha 0.7), --greedy (or --temp 0) for greedy decoding.
+Decoding follows LensToWords: by default the checkpoint's family's sampler (v3b: top-k 20 at
+temperature 0.7 with its retry rule; v3a: top-k 50 at temperature 1.0), --beam for beam search
+(width 5, alpha 0.7), --greedy (or --temp 0) for greedy decoding.
 
 Inputs: only regular files are read; a FIFO, socket, device or folder named like an image is
 skipped without being opened, and named. A file reached twice (a link, a repeated argument,
@@ -95,11 +96,12 @@ def _parser() -> CliParser:
                         help="beams per image, >= 1 (default 5)")
     parser.add_argument("--alpha", type=finite_float(), default=0.7,
                         help="beam length normalisation: score / len ** alpha (default 0.7)")
-    parser.add_argument("--top-k", type=int_in(1), default=20,
-                        help="top-k sampling k, >= 1 (default 20)")
+    parser.add_argument("--top-k", type=int_in(1),
+                        help="top-k sampling k, >= 1 (default: the model family's sampler, "
+                        "20 for v3b, 50 for v3a)")
     parser.add_argument("--temp", "--temperature", dest="temperature", type=finite_float(0),
-                        default=0.7, help="sampling temperature, >= 0; 0 decodes greedily "
-                        "(default 0.7)")
+                        help="sampling temperature, >= 0; 0 decodes greedily (default: the "
+                        "family's, 0.7 for v3b, 1.0 for v3a)")
     parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
                         help="sampling seed, 0..2**63-1 (default 0)")
     parser.add_argument("--max-new-tokens", type=int_in(1), default=50,
@@ -108,7 +110,8 @@ def _parser() -> CliParser:
                         help="no stop rule ends a caption before this many tokens; 0.."
                         "--max-new-tokens (default 0)")
     parser.add_argument("--no-retry", action="store_true",
-                        help="do not resample degenerate top-k captions (LensToWords does)")
+                        help="do not resample degenerate top-k captions (LensToWords' v3b "
+                        "does; v3a never did)")
     parser.add_argument("--batch-size", type=int_in(1), default=32,
                         help="images per batch, >= 1 (default 32)")
     parser.add_argument("--threads", type=int_in(1), default=4,
@@ -144,14 +147,15 @@ def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
         method="beam" if args.beam else "greedy" if greedy else "topk",
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         top_k=args.top_k, temperature=args.temperature, beam_width=args.beam_width,
-        alpha=args.alpha, seed=args.seed, retry=not args.no_retry, batch_size=args.batch_size,
+        alpha=args.alpha, seed=args.seed, retry=False if args.no_retry else None,
+        batch_size=args.batch_size,
     )
 
 
 def load_encoding_model(weights: Path, dtype: str = "float32") -> CaptionModel:
-    """`load_pretrained(weights, dtype=dtype)`, checked to have an image encoder; errors name
+    """`load_captioner(weights, dtype=dtype)`, checked to have an image encoder; errors name
     `weights`."""
-    model = load_pretrained(weights, dtype=dtype)
+    model = load_captioner(weights, dtype=dtype)
     try:
         model.module.check_can_encode()
     except MissingComponentError as error:

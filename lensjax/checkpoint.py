@@ -224,12 +224,12 @@ def _check_version(meta_file: Path, metadata: Mapping[str, Any]) -> None:
 
 
 def _check_config(meta_file: Path, metadata: Mapping[str, Any]) -> None:
-    from lensjax.models.captioner import CaptionerConfig
+    from lensjax.models.families import config_from_metadata
 
     if "config" not in metadata:
         raise CheckpointError(f"{meta_file}: no \"config\" (the model configuration)")
     try:
-        CaptionerConfig.from_dict(metadata["config"])
+        config_from_metadata(metadata)
     except ValueError as error:
         raise CheckpointError(f"{meta_file}: {error}") from error
 
@@ -281,7 +281,8 @@ def _check_metadata(meta_file: Path, metadata: Any) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's `lensjax.json`, validated: its format and version, every field of
-    its model config (`CaptionerConfig.from_dict`), and the shape of its other records."""
+    its model config (of its `family`, v3b when absent: `lensjax.models.families`), and the
+    shape of its other records."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(

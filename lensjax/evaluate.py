@@ -330,10 +330,10 @@ def write_gallery(path: Path, predictions, references, scores, image_dir: Path |
 def _generate_predictions(args, references: dict[str, list[str]]) -> dict[str, str]:
     from tqdm import tqdm
 
-    from lensjax.api import load_pretrained
+    from lensjax.api import load_captioner
     from lensjax.data.cache import FeatureCache
 
-    model = load_pretrained(args.weights)
+    model = load_captioner(args.weights)
     cache = FeatureCache(args.features)
     keys = [k for k in references if k in cache]
     if len(keys) < len(references):

@@ -57,3 +57,17 @@ def check_output(path: str | os.PathLike, *, directory: bool = False) -> Path:
         raise OutputError(f"cannot write {path}: {ancestor} is not writable "
                           f"({error.strerror or error})") from error
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG through a temporary sibling renamed into place, and
+    close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = temporary_sibling(path)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

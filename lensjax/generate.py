@@ -1,9 +1,11 @@
 """Jit-compiled caption decoding: greedy, top-k sampling and beam search.
 
-One `lax.while_loop` per (batch size, method): the Perceiver and the cross-attention keys and
-values of the latents are computed once per image, the BOS step is prefilled, then one token
-per step runs against a preallocated KV cache. Rows stop by LensToWords' rules (EOS or token 0,
-'.' and three equal tokens for sampling) and the loop exits early when every row is done.
+One `lax.while_loop` per (batch size, method) over a family's decode hooks
+(`lensjax.models.decoding`): what the image gives the decoder (for v3b the Perceiver and the
+cross-attention keys and values of its latents) is computed once per image, the BOS step is
+prefilled, then one token per step runs against a preallocated KV cache. Rows stop by
+LensToWords' rules (EOS or token 0, '.' and three equal tokens for sampling) and the loop exits
+early when every row is done.
 Beam search keeps the beams of all images flattened into the batch axis.
 
 Output: int32 (B, max_new_tokens), the generated tokens without the BOS, EOS after each row's
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,7 @@ from jax import lax
 
 from lensjax.checks import check_bool, check_int
 from lensjax.data.tokenizer import EOS_ID
-from lensjax.models.captioner import Captioner
-from lensjax.models.gpt2 import KVCache
+from lensjax.models.decoding import Decodable
 
 PERIOD_ID = 764  # "."
 Method = Literal["greedy", "topk", "beam"]
@@ -63,38 +64,6 @@ class DecodeOptions:
         return self.method != "beam" if self.stop_on_repeat is None else self.stop_on_repeat
 
 
-class _Prefix(NamedTuple):
-    cache: list[KVCache]
-    cross_kv: list[tuple[jax.Array, jax.Array]] | None
-    logits: jax.Array  # (rows, vocab) for the first generated token
-    offset: int  # position of the first generated token
-
-
-def _prefill(model: Captioner, features: jax.Array, slots: int, max_new: int) -> _Prefix:
-    """Perceiver, cross-attention K/V and the BOS step for `slots` rows per image (beams)."""
-    latents = model.resample(features)
-    rows = latents.shape[0] * slots
-    bos = jnp.full((rows, 1), EOS_ID, jnp.int32)
-    gpt2 = model.gpt2
-    if model.cfg.mode == "prepend":
-        x, cross_kv = gpt2.embed(bos, jnp.repeat(latents, slots, axis=0)), None
-    else:  # project the latents once per image, then share them among its beams
-        cross_kv = jax.tree.map(lambda a: jnp.repeat(a, slots, axis=0), gpt2.cross_kv(latents))
-        x = gpt2.embed(bos)
-    cache = gpt2.init_cache(latents.shape[0], x.shape[1] + max_new, x.dtype, slots)
-    hidden, cache = gpt2.transform(x, cross_kv, position=0, cache=cache)
-    return _Prefix(cache, cross_kv, gpt2.lm_logits(hidden[:, -1]), x.shape[1])
-
-
-def _step(model: Captioner, prefix: _Prefix, cache, tokens: jax.Array, position,
-          origin: jax.Array | None = None) -> tuple:
-    """Feed one token per row (rows,) at `position` -> (logits (rows, vocab), cache)."""
-    gpt2 = model.gpt2
-    hidden, cache = gpt2.transform(gpt2.embed(tokens[:, None]), prefix.cross_kv,
-                                   position=position, cache=cache, origin=origin)
-    return gpt2.lm_logits(hidden[:, 0]), cache
-
-
 def _mask_stops(logits: jax.Array, step, min_new: int) -> jax.Array:
     """Before `min_new` tokens, EOS and token 0 (both end a row) cannot be chosen. Only the
     two columns are rewritten (in place), not the whole (rows, vocab) array."""
@@ -119,12 +88,12 @@ class _SampleState(NamedTuple):
     step: jax.Array
     tokens: jax.Array  # (B, max_new)
     done: jax.Array  # (B,)
-    cache: list[KVCache]
+    cache: Any  # the family's decoder state (KV caches)
     logits: jax.Array  # (B, vocab)
 
 
 def sample(
-    model: Captioner,
+    model: Decodable,
     features: jax.Array,
     row_keys: jax.Array,
     temperature: jax.Array,
@@ -132,7 +101,7 @@ def sample(
 ) -> jax.Array:
     """Greedy or top-k decoding. features (B, S, D), row_keys (B,) PRNG keys -> (B, max_new)."""
     batch, max_new = features.shape[0], options.max_new_tokens
-    prefix = _prefill(model, features, 1, max_new)
+    prefix = model.start_decoding(features, 1, max_new)
 
     def choose(state: _SampleState) -> _SampleState:
         step = state.step
@@ -158,7 +127,8 @@ def sample(
 
     def advance(state: _SampleState) -> _SampleState:
         last = lax.dynamic_slice(state.tokens, (0, state.step - 1), (batch, 1))[:, 0]
-        logits, cache = _step(model, prefix, state.cache, last, prefix.offset + state.step - 1)
+        logits, cache = model.decode_step(prefix.context, state.cache, last,
+                                          prefix.offset + state.step - 1)
         return choose(state._replace(cache=cache, logits=logits))
 
     state = choose(_SampleState(
@@ -175,7 +145,7 @@ class _BeamState(NamedTuple):
     step: jax.Array
     tokens: jax.Array  # (B, W, max_new) live beams' tokens
     scores: jax.Array  # (B, W) summed log-probabilities
-    cache: list[KVCache]  # B images x W slots, never reordered
+    cache: Any  # B images x W slots, never reordered
     origin: jax.Array  # (B, W, positions): the slot that holds each beam's cached position
     logits: jax.Array  # (B*W, vocab)
     best_tokens: jax.Array  # (B, max_new) best completed sequence (EOS-padded)
@@ -183,7 +153,7 @@ class _BeamState(NamedTuple):
 
 
 def beam_search(
-    model: Captioner, features: jax.Array, alpha: jax.Array, options: DecodeOptions
+    model: Decodable, features: jax.Array, alpha: jax.Array, options: DecodeOptions
 ) -> jax.Array:
     """LensToWords' beam search, batched. features (B, S, D) -> (B, max_new) best sequences.
 
@@ -197,7 +167,7 @@ def beam_search(
     slot holds each of its earlier positions, never the caches themselves.
     """
     batch, width, max_new = features.shape[0], options.beam_width, options.max_new_tokens
-    prefix = _prefill(model, features, width, max_new)
+    prefix = model.start_decoding(features, width, max_new)
     positions = prefix.offset + max_new
     slots = jnp.arange(width, dtype=jnp.int32)
     # Only beam 0 exists at first; the others start at -inf so they propose nothing.
@@ -238,7 +208,8 @@ def beam_search(
         history = lax.dynamic_update_slice(history, new_tokens[:, :, None], (0, 0, step))
         origin = jnp.take_along_axis(state.origin, new_parents[:, :, None], axis=1)
         return _BeamState(step + 1, history, jnp.take_along_axis(ranked, chosen, axis=1),
-                          state.cache, origin, state.logits, best_tokens, best_norm)
+                          model.reorder_state(state.cache, new_parents), origin, state.logits,
+                          best_tokens, best_norm)
 
     def advance(state: _BeamState) -> _BeamState:
         last = state.tokens[:, :, state.step - 1].reshape(-1)
@@ -247,7 +218,7 @@ def beam_search(
         origin = lax.dynamic_update_slice(
             state.origin, jnp.broadcast_to(slots[None, :, None], (batch, width, 1)),
             (0, 0, position))
-        logits, cache = _step(model, prefix, state.cache, last, position, origin)
+        logits, cache = model.decode_step(prefix.context, state.cache, last, position, origin)
         return choose(state._replace(cache=cache, origin=origin, logits=logits))
 
     state = choose(_BeamState(

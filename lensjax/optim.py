@@ -1,10 +1,12 @@
 """Per-component optimisation: parameter labels from paths, and Adam per label.
 
-Every parameter path gets a component label (`encoder`, `encoder_head`, `perceiver`, `gpt2`,
-`xattn`, `lm`). A phase trains some labels, each at its own learning rate; the rest are
-frozen. The optimizer is `optax.multi_transform` over the labels, applied to the pure
-parameter pytree (not inside `nnx.Optimizer`): trained labels get Adam (LensToWords' optimizer:
-no weight decay, no schedule), frozen labels `optax.set_to_zero()`, which keeps no state.
+Every parameter path gets a component label from its family's rules (v3b: `encoder`,
+`encoder_head`, `perceiver`, `gpt2`, `xattn`, `lm`; v3a: `encoder`, `encoder_head`,
+`projection_head`, `decoder`, and `fixed` for the sinusoidal table, which never trains). A
+phase trains some labels, each at its own learning rate; the rest are frozen. The optimizer
+is `optax.multi_transform` over the labels, applied to the pure parameter pytree (not inside
+`nnx.Optimizer`): trained labels get Adam (LensToWords' optimizer: no weight decay, no
+schedule), frozen labels `optax.set_to_zero()`, which keeps no state.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from collections.abc import Mapping
 import jax
 import optax
 
-# (label, path pattern); the first match wins.
-LABEL_RULES: tuple[tuple[str, str], ...] = (
-    ("encoder_head", r"^encoder_head\."),
-    ("encoder", r"^encoder\."),
-    ("perceiver", r"^perceiver\."),
-    ("xattn", r"^gpt2\.xattn\."),
-    ("lm", r"^gpt2\.(wte|wpe|ln_f)\."),
-    ("gpt2", r"^gpt2\.h\."),
-)
-LABELS = tuple(label for label, _ in LABEL_RULES)
+from lensjax.models.families import FAMILIES
+
+# (label, path pattern) of every family (their parameter paths do not overlap); the first
+# match wins.
+LABEL_RULES: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(
+    rule for family in FAMILIES.values() for rule in family.label_rules))
+UNTRAINABLE = frozenset({"fixed"})
+# The labels a learning rate can be given to.
+LABELS = tuple(dict.fromkeys(label for label, _ in LABEL_RULES if label not in UNTRAINABLE))
 FROZEN = "frozen"
 
 
@@ -38,11 +39,18 @@ def label_of(path: str) -> str:
 
 def labels_for(params: Mapping[str, jax.Array], learning_rates: Mapping[str, float]
                ) -> dict[str, str]:
-    """{path: its label if that label trains, else "frozen"}."""
+    """{path: its label if that label trains, else "frozen"}. A learning rate for a label
+    the model does not have (e.g. `perceiver` for v3a) is a ValueError naming the ones it has."""
     unknown = set(learning_rates) - set(LABELS)
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {list(LABELS)}")
-    return {p: label if (label := label_of(p)) in learning_rates else FROZEN for p in params}
+    labels = {p: label_of(p) for p in params}
+    present = set(labels.values()) - UNTRAINABLE
+    absent = set(learning_rates) - present
+    if absent:
+        raise ValueError(f"this model has no {', '.join(sorted(absent))} to train; its "
+                         f"components: {', '.join(c for c in LABELS if c in present)}")
+    return {p: label if label in learning_rates else FROZEN for p, label in labels.items()}
 
 
 def split_trainable(params: Mapping[str, jax.Array], labels: Mapping[str, str]

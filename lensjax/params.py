@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lensjax.models.captioner import Captioner, CaptionerConfig
+from lensjax.models.families import family_of
 from lensjax.models.layers import Linear
 
 ParamDict = dict[str, np.ndarray]
@@ -36,15 +37,21 @@ def flat_params(module: nnx.Module) -> dict[str, jax.Array]:
     return flat
 
 
+def new_module(cfg: Any, seed: int = 0) -> nnx.Module:
+    """A freshly initialised captioner of `cfg`'s family (lensjax.models.families)."""
+    return family_of(cfg).module(cfg, rngs=nnx.Rngs(seed))
+
+
 @functools.lru_cache(maxsize=8)
-def _abstract_captioner(cfg: CaptionerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def _abstract_captioner(cfg: Any) -> tuple[nnx.GraphDef, nnx.State]:
     # Tracing the full model's construction takes seconds (flax's RNG bookkeeping under
     # eval_shape), so it is done once per configuration and process.
-    return nnx.split(nnx.eval_shape(lambda: Captioner(cfg, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: new_module(cfg)))
 
 
-def abstract_params(cfg: CaptionerConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """{path: ShapeDtypeStruct} of a `Captioner(cfg)`, computed without allocating weights."""
+def abstract_params(cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of a captioner of `cfg`, computed without allocating
+    weights."""
     return flat_params(nnx.merge(*_abstract_captioner(cfg)))
 
 
@@ -52,7 +59,7 @@ class ParamMismatchError(ValueError):
     """Parameters do not fit the model configuration (missing, unexpected or mis-shaped)."""
 
 
-def check_params(cfg: CaptionerConfig, params: Mapping[str, np.ndarray]) -> None:
+def check_params(cfg: Any, params: Mapping[str, np.ndarray]) -> None:
     """Raise one ParamMismatchError listing every missing, unexpected or mis-shaped path."""
     expected = abstract_params(cfg)
     problems = [f"missing: {p} {tuple(expected[p].shape)}" for p in expected if p not in params]
@@ -69,8 +76,8 @@ def check_params(cfg: CaptionerConfig, params: Mapping[str, np.ndarray]) -> None
         )
 
 
-def module_from_flat(cfg: CaptionerConfig, params: Mapping[str, jax.Array]) -> Captioner:
-    """A `Captioner(cfg)` holding `params` as given: no checks, casts or copies, so it also
+def module_from_flat(cfg: Any, params: Mapping[str, jax.Array]) -> nnx.Module:
+    """A captioner of `cfg` holding `params` as given: no checks, casts or copies, so it also
     works on traced arrays inside `jax.jit`."""
     graphdef, template = _abstract_captioner(cfg)
     state = nnx.from_flat_state([
@@ -81,8 +88,8 @@ def module_from_flat(cfg: CaptionerConfig, params: Mapping[str, jax.Array]) -> C
 
 
 def build_captioner(
-    cfg: CaptionerConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
-) -> Captioner:
-    """A `Captioner(cfg)` holding `params` (cast to `dtype`); every path must be present."""
+    cfg: Any, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
+) -> nnx.Module:
+    """A captioner of `cfg` holding `params` (cast to `dtype`); every path must be present."""
     check_params(cfg, params)
     return module_from_flat(cfg, {p: jnp.asarray(v, dtype) for p, v in params.items()})

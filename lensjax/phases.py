@@ -10,8 +10,9 @@ size, the data it was run on and where each component's initial weights come fro
   GPT-2), given as `--init gpt2=PATH`;
 - a phase name: that phase's output checkpoint.
 
-Where the original's README and notebooks disagree on a learning rate (phases 2a and 2c), the
-README's value is `learning_rates` and the notebook's is `notebook_learning_rates`.
+Where the original's README and notebooks disagree on a learning rate (phases 2a and 2c; v3a's
+notebook text and code), the README's (text's) value is `learning_rates` and the notebook
+code's is `notebook_learning_rates`. Every phase but `v3a` trains the v3b family.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from lensjax.models.gpt2 import Mode
+from lensjax.models.families import FAMILIES
+from lensjax.models.v3b.gpt2 import Mode
 
-# Initial-weight groups, and the optimizer labels (lensjax.optim) each one covers.
+# Initial-weight groups of every family, and the optimizer labels (lensjax.optim) each covers.
 INIT_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "encoder": ("encoder", "encoder_head"),
-    "perceiver": ("perceiver",),
-    "gpt2": ("gpt2", "lm"),
-    "xattn": ("xattn",),
-})
+    group: labels for family in FAMILIES.values()
+    for group, labels in family.init_groups.items()})
 FRESH, PRETRAINED_GPT2 = "fresh", "gpt2"
 # Data set names a phase can name, and what each means.
 DATASETS: Mapping[str, str] = MappingProxyType({
@@ -53,7 +52,7 @@ class Phase:
 
     name: str
     summary: str
-    mode: Mode
+    mode: Mode | None  # v3b's architecture mode; None for families without one (v3a)
     learning_rates: Mapping[str, float]
     init: Mapping[str, str]
     dataset: str
@@ -65,13 +64,14 @@ class Phase:
     max_len: int = 64
     subset: int | None = None
     max_steps: int | None = None
+    loss: str = "eos"
 
     def sources(self) -> set[str]:
         """The phases (and `gpt2`) whose weights this phase starts from."""
         return {s for s in self.init.values() if s != FRESH}
 
 
-def _phase(name: str, summary: str, mode: Mode, rates: Mapping[str, float], init: dict,
+def _phase(name: str, summary: str, mode: Mode | None, rates: Mapping[str, float], init: dict,
            dataset: str, **extra) -> Phase:
     return Phase(name, summary, mode, rates, MappingProxyType(init), dataset, **extra)
 
@@ -109,6 +109,14 @@ PHASES: Mapping[str, Phase] = MappingProxyType({p.name: p for p in (
            _rates(1e-5), _all_from("3a-ext"), "mix", batch_size=64),
     _phase("3c", "the same mix at a lower learning rate", "inject", _rates(5e-6),
            _all_from("recovery"), "mix", batch_size=64),
+    # v3a, the notebook's final run: ProjectionHead at 1e-3 and the Transformer at 1e-5 (its
+    # code cell: one 1e-5 for both), batch 64, up to 50 epochs, patience 7, the loss ignoring
+    # every 50256.
+    _phase("v3a", "v3a: ProjectionHead + 6-layer Transformer decoder, trained together", None,
+           MappingProxyType({"projection_head": 1e-3, "decoder": 1e-5}),
+           {"projection_head": FRESH, "decoder": FRESH}, "flickr30k", epochs=50, patience=7,
+           batch_size=64, preset="v3a", loss="seed",
+           notebook_learning_rates=_rates(1e-5, ("projection_head", "decoder"))),
     # The seed's curriculum at small scale on the synthetic set (make demo). Offline there is
     # no pretrained GPT-2, so the prepend warm-up trains the language model as well.
     _phase("demo-prepend", "demo: prepend warm-up, Perceiver + GPT-2 from scratch", "prepend",
@@ -134,7 +142,8 @@ def phase_table() -> str:
                 f"{k} {v:g}" for k, v in p.notebook_learning_rates.items()) + ")"
         init = ", ".join(f"{g}<-{s}" for g, s in p.init.items())
         steps = f" (at most {p.max_steps} steps)" if p.max_steps else ""
-        rows.append(f"  {p.name:<12} {p.mode:<7} {p.dataset:<9} epochs {p.epochs}{steps}, "
-                    f"patience {p.patience}, batch {p.batch_size}\n"
+        rows.append(f"  {p.name:<12} {p.mode or p.preset:<7} {p.dataset:<9} epochs "
+                    f"{p.epochs}{steps}, patience {p.patience}, batch {p.batch_size}"
+                    + (f", loss {p.loss}" if p.loss != "eos" else "") + "\n"
                     f"  {'':<12} trains: {rates}\n  {'':<12} init: {init}")
     return "\n".join(rows)

@@ -12,12 +12,15 @@ from conftest import import_files
 from lensjax.checkpoint import CheckpointError
 
 
-def test_importing_lensjax_does_not_import_torch():
-    code = ("import sys, lensjax, lensjax.api, lensjax.params, lensjax.checkpoint; "
-            "print('torch' in sys.modules)")
+def test_importing_lensjax_and_its_commands_loads_neither_torch_nor_the_bridge():
+    # The bridge (and with it torch) is the optional layer on top: only converting PyTorch
+    # files imports it, lazily.
+    code = ("import sys, lensjax, lensjax.api, lensjax.params, lensjax.checkpoint, "
+            "lensjax.train, lensjax.train.step, lensjax.caption, lensjax.evaluate, "
+            "lensjax.extract; print(sorted({'torch', 'bridge'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "[]"
 
 
 def test_save_then_load_pretrained_gives_identical_outputs(imported, tmp_path):

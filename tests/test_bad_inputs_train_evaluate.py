@@ -30,9 +30,10 @@ from cli_harness import (
 )
 
 import lensjax.checkpoint
-from lensjax import CaptionerConfig, evaluate, train
+from lensjax import CaptionerConfig, evaluate
 from lensjax.data.cache import FeatureCache
-from lensjax.training import Trainer
+from lensjax.train import cli as train
+from lensjax.train.step import Trainer
 
 # --- python -m lensjax.train ---------------------------------------------------------------
 

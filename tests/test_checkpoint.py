@@ -17,7 +17,7 @@ from lensjax.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from lensjax.models.captioner import PRESETS, CaptionerConfig
+from lensjax.models.v3b.captioner import PRESETS, CaptionerConfig
 
 CONFIG = CaptionerConfig.from_preset("tiny").to_dict()
 

@@ -10,7 +10,7 @@ from lensjax import CaptionerConfig, CaptionModel
 from lensjax.data.synthetic import describe, image_name, make_scene
 from lensjax.data.tokenizer import GPT2Tokenizer, build_sequences, shift
 from lensjax.params import abstract_params
-from lensjax.training import Batch, Trainer
+from lensjax.train.step import Batch, Trainer
 
 
 def _features(rows, dim, seed=0):

@@ -49,13 +49,18 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def test_phase_table_has_every_phase_of_the_original_and_the_demo():
     assert list(PHASES) == ["2a", "2b", "2c", "2d", "3a", "3a-ext", "3b", "recovery", "3c",
-                            "demo-prepend", "demo-inject", "demo-all"]
+                            "v3a", "demo-prepend", "demo-inject", "demo-all"]
     assert PHASES["2a"].learning_rates == {"perceiver": 1e-4}  # the README's value
     assert PHASES["2a"].notebook_learning_rates == {"perceiver": 1e-5}
     assert PHASES["2c"].learning_rates == {"xattn": 1e-4}
     assert PHASES["2d"].init == {"perceiver": "2b", "gpt2": "2b", "xattn": "2c"}
     assert (PHASES["2b"].mode, PHASES["2d"].mode) == ("prepend", "inject")
     assert PHASES["recovery"].batch_size == 64 and PHASES["3b"].epochs == 5
+    v3a = PHASES["v3a"]  # the notebook's final run; its code cell's single 1e-5 with --notebook-lr
+    assert v3a.learning_rates == {"projection_head": 1e-3, "decoder": 1e-5}
+    assert v3a.notebook_learning_rates == {"projection_head": 1e-5, "decoder": 1e-5}
+    assert (v3a.preset, v3a.mode, v3a.loss) == ("v3a", None, "seed")
+    assert (v3a.batch_size, v3a.epochs, v3a.patience) == (64, 50, 7)
 
 
 def test_help_shows_every_phase_default(capsys):
@@ -121,7 +126,7 @@ def test_lr_overrides_the_notebook_rates_and_max_steps(data, tmp_path):
     # 40 pairs make 5 batches per epoch; --max-steps 7 ends the phase inside epoch 2.
     assert max(_losses(out)) == 7
     assert json.loads((out / "latest" / "lensjax.json").read_text())["training"]["step"] == 7
-    from lensjax.train import PHASES as phases
+    from lensjax.phases import PHASES as phases
     from lensjax.train import learning_rates
     assert learning_rates(phases["2c"], True, []) == {"xattn": 1e-5}
     assert learning_rates(phases["2c"], False, ["lm=3e-6"]) == {"xattn": 1e-4, "lm": 3e-6}
@@ -206,8 +211,10 @@ def test_refusals_name_the_problem(data, tmp_path, capsys):
         main(["--phase", "9z"])
     assert "invalid choice: '9z'" in capsys.readouterr().err
 
+    code, err = error(*_args(data, "demo-prepend", tmp_path / "d", "--lr", "decodr=1"))
+    assert code == 2 and "unknown component 'decodr'" in err
     code, err = error(*_args(data, "demo-prepend", tmp_path / "d", "--lr", "decoder=1"))
-    assert code == 2 and "unknown component 'decoder'" in err
+    assert code == 2 and "this model has no decoder to train" in err  # v3a's, not v3b's
 
 
 def test_images_without_features_are_skipped_or_refused_with_strict(data, tmp_path, capsys):

@@ -14,7 +14,7 @@ from flax import nnx
 from lensjax import Captioner, CaptionerConfig
 from lensjax.data.tokenizer import EOS_ID
 from lensjax.params import flat_params
-from lensjax.training import Batch, Trainer, caption_loss, trim_padding
+from lensjax.train.step import Batch, Trainer, caption_loss, trim_padding
 
 CFG = CaptionerConfig.from_preset("tiny", encoder=None, head=None)
 
@@ -82,9 +82,12 @@ def test_phase_2b_components_move_at_their_own_learning_rates():
     assert largest_change("gpt2.xattn.") == 0.0 and largest_change("gpt2.wte") == 0.0
 
 
-def test_unknown_component_is_refused():
+def test_unknown_component_and_another_familys_component_are_refused():
     with pytest.raises(ValueError, match="unknown component"):
-        Trainer(CFG, {"decoder": 1e-4}).init(_params())
+        Trainer(CFG, {"decodr": 1e-4}).init(_params())
+    with pytest.raises(ValueError, match="this model has no decoder to train; its components: "
+                                         "perceiver, xattn, lm, gpt2"):
+        Trainer(CFG, {"decoder": 1e-4}).init(_params())  # a v3a component
 
 
 def test_tiny_model_overfits_a_tiny_batch():
@@ -105,7 +108,7 @@ def test_one_and_two_devices_give_the_same_losses():
         from flax import nnx
         from lensjax import Captioner, CaptionerConfig
         from lensjax.params import flat_params
-        from lensjax.training import Trainer, data_mesh
+        from lensjax.train.step import Trainer, data_mesh
         from test_training import CFG, _batch
         assert len(jax.devices()) == 2
         params = {k: np.asarray(v) for k, v in

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2LMHeadModel
 
-from lensjax.models.captioner import CaptionerConfig
+from lensjax.models.v3b.captioner import CaptionerConfig
 
 
 class Head(nn.Module):

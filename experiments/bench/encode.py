@@ -38,8 +38,8 @@ class _Encoder:
     def __init__(self):
         from flax import nnx
 
-        from lensjax.models.captioner import CaptionerConfig
         from lensjax.models.convnext import ConvNeXt, MultiScaleHead
+        from lensjax.models.v3b.captioner import CaptionerConfig
         from lensjax.params import flat_params
 
         cfg = CaptionerConfig.from_preset("v3b")
@@ -80,7 +80,7 @@ def torch_side(encoder: _Encoder, images: np.ndarray, rounds: int
 
     from bridge.convert import flax_to_torch
     from bridge.tables import CONVNEXT_TIMM, HEAD_LENSJAX
-    from lensjax.models.captioner import CaptionerConfig
+    from lensjax.models.v3b.captioner import CaptionerConfig
     from torch_reference import Head
 
     backbone = timm.create_model("convnext_tiny", pretrained=False, features_only=True,

@@ -10,7 +10,7 @@ implies (`<key>_samples_per_s_below`).
 Sides:
 - `lensjax`: the 2d step `python -m lensjax.train` runs (float32), and the phase-2c step (only
   the cross-attention trains) in the same process, for the 2c/2d ratio. Its steps cut the
-  padding no loss term reads (`lensjax.training.trim_padding`: 40 of the 63 positions here);
+  padding no loss term reads (`lensjax.train.step.trim_padding`: 40 of the 63 positions here);
 - `lensjax-untrimmed`: the same step on captions that fill all 63 positions, so that nothing
   can be cut: the same work as the torch side (`untrimmed_ratio`);
 - `lensjax-remat`: the 2d step with gradient checkpointing of the GPT-2 blocks;
@@ -71,7 +71,7 @@ def run_lensjax(steps: int, batch_size: int, preset: str, remat: bool = False,
     import numpy as np
 
     from lensjax.params import abstract_params
-    from lensjax.training import Batch, Trainer
+    from lensjax.train.step import Batch, Trainer
 
     cfg = _config(preset)
     rng = np.random.default_rng(0)

@@ -307,14 +307,16 @@ def load_instagram(paths: PathLike | Iterable[PathLike]) -> dict[str, list[str]]
         raise ValueError("load_instagram: no CSV paths given")
     captions: dict[str, list[str]] = {}
     for path in paths:
-        for name, caption in _instagram_rows(path):
+        for name, caption in instagram_rows(path):
             captions.setdefault(name, []).append(caption)
     if not captions:
         raise ValueError(f"{', '.join(map(str, paths))}: no captions")
     return captions
 
 
-def _instagram_rows(path: Path) -> Iterable[tuple[str, str]]:
+def instagram_rows(path: Path) -> Iterable[tuple[str, str]]:
+    """(image file, caption) of each row with a caption, in file order (`load_instagram`'s
+    layouts and errors)."""
     reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
     rows = ((reader.line_num, row) for row in reader if any(cell.strip() for cell in row))
     first = next(rows, None)

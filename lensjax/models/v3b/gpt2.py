@@ -16,13 +16,14 @@ The LM head is tied to `wte`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from lensjax.models.kv_cache import KVCache, cached_attention, empty_caches, write_cache
 from lensjax.models.layers import (
     Linear,
     MultiheadAttention,
@@ -74,65 +75,6 @@ def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> Linear:
     return Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
-class KVCache(NamedTuple):
-    """Self-attention cache of one layer for B images with W slots each (W beams; 1 when
-    sampling): keys (B, H, D, W, max_len), values (B, H, W, max_len, D).
-
-    Laid out so that both attention products are plain batched matmuls over (B, H) against all
-    W * max_len cached positions of an image: no per-step transpose of the cache, and beam
-    search never reorders it (each row reads its history through an origin table instead).
-    """
-
-    keys: jax.Array
-    values: jax.Array
-
-
-def _cached_attention(q: jax.Array, cache: KVCache, position: jax.Array | int,
-                      origin: jax.Array | None) -> jax.Array:
-    """q (B*W, T, H, D) at positions `position..` attending to the cache -> (B*W, T, H, D).
-
-    Row v of an image reads cached position s from slot `origin[b, v, s]` (B, W, max_len);
-    origin None means every row reads its own slot.
-    """
-    batch, heads, dim, width, length = cache.keys.shape
-    steps = q.shape[1]
-    scale = 1.0 / jnp.sqrt(jnp.float32(dim))
-    # (B*W, T, H, D) -> (B, H, W*T, D): queries of all slots of an image, then their steps.
-    queries = (q * scale).reshape(batch, width, steps, heads, dim).transpose(0, 3, 1, 2, 4)
-    queries = queries.reshape(batch, heads, width * steps, dim)
-    keys = cache.keys.reshape(batch, heads, dim, width * length)
-    scores = jnp.einsum("bhqd,bhdn->bhqn", queries, keys).astype(jnp.float32)
-    query_pos = position + jnp.arange(steps)
-    visible = jnp.arange(length)[None, :] <= query_pos[:, None]  # (T, S)
-    if width == 1:
-        mask = visible[None, None]
-    else:  # (B, W_query, T, W_slot, S): causal and the slot that holds the row's history
-        if origin is None:
-            origin = jnp.broadcast_to(jnp.arange(width)[None, :, None], (batch, width, length))
-        own = origin[:, :, None, :] == jnp.arange(width)[None, None, :, None]  # (B, W, W, S)
-        mask = own[:, :, None] & visible[None, None, :, None, :]
-        mask = mask.reshape(batch, 1, width * steps, width * length)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(cache.values.dtype)
-    values = cache.values.reshape(batch, heads, width * length, dim)
-    out = jnp.einsum("bhqn,bhnd->bhqd", weights, values)  # (B, H, W*T, D)
-    return out.reshape(batch, heads, width, steps, dim).transpose(0, 2, 3, 1, 4).reshape(
-        batch * width, steps, heads, dim)
-
-
-def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array, position) -> KVCache:
-    """Write k, v (B*W, T, H, D) at positions `position..` of every row's own slot."""
-    batch, heads, dim, width, _ = cache.keys.shape
-    steps = k.shape[1]
-    k = k.reshape(batch, width, steps, heads, dim).transpose(0, 3, 4, 1, 2)  # (B, H, D, W, T)
-    v = v.reshape(batch, width, steps, heads, dim).transpose(0, 3, 1, 2, 4)  # (B, H, W, T, D)
-    return KVCache(
-        lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, 0, 0, 0, position)),
-        lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype),
-                                 (0, 0, 0, position, 0)),
-    )
-
-
 class GPT2Attention(nnx.Module):
     """Causal self-attention: `c_attn` (n, 3n) packs q, k, v columns; `c_proj` (n, n)."""
 
@@ -156,7 +98,7 @@ class GPT2Attention(nnx.Module):
 
         Without a cache, x is the whole sequence. With one, x holds positions
         `position .. position+T-1` and attends to everything cached before them, through
-        `origin` (see `_cached_attention`).
+        `origin` (see `lensjax.models.kv_cache.cached_attention`).
         """
         q, k, v = (split_heads(t, self.num_heads) for t in jnp.split(self.c_attn(x), 3, -1))
         length = x.shape[1]
@@ -164,8 +106,8 @@ class GPT2Attention(nnx.Module):
             mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
             out = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_pdrop, rngs=rngs)
         else:
-            cache = _write_cache(cache, k, v, position)
-            out = _cached_attention(q, cache, position, origin)
+            cache = write_cache(cache, k, v, position)
+            out = cached_attention(q, cache, position, origin)
         return dropout(self.c_proj(merge_heads(out)), self.resid_pdrop, rngs), cache
 
 
@@ -267,10 +209,8 @@ class GPT2Decoder(nnx.Module):
         `max_len` positions, one per layer."""
         if max_len > self.cfg.n_positions:
             raise ValueError(f"{max_len} positions exceed n_positions={self.cfg.n_positions}")
-        heads, head_dim = self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
-        return [KVCache(jnp.zeros((batch, heads, head_dim, slots, max_len), dtype),
-                        jnp.zeros((batch, heads, slots, max_len, head_dim), dtype))
-                for _ in range(self.cfg.n_layer)]
+        return empty_caches(self.cfg.n_layer, batch, self.cfg.n_head,
+                            self.cfg.n_embd // self.cfg.n_head, max_len, dtype, slots)
 
     def embed(self, input_ids: jax.Array, latents: jax.Array | None = None) -> jax.Array:
         """Token embeddings (B, T, n); in prepend mode pass `latents` to put them first.

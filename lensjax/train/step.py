@@ -20,7 +20,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lensjax.data.tokenizer import EOS_ID
-from lensjax.models.captioner import CaptionerConfig
 from lensjax.optim import build_optimizer, labels_for, split_trainable
 from lensjax.params import module_from_flat
 
@@ -99,7 +98,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: CaptionerConfig,
+        cfg: Any,
         learning_rates: Mapping[str, float],
         *,
         loss: LossMode = "eos",

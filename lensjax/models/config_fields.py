@@ -1,0 +1,76 @@
+"""Model configurations from JSON (a checkpoint's `lensjax.json`), every field checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import reprlib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+
+def config_from_fields(kind: type, data: Any, where: str) -> Any:
+    """The config dataclass `kind` built from `data`, a mapping of all its fields, each
+    checked against its annotation; `where` names `data` in errors."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be an object, found {reprlib.repr(data)}")
+    names = [field.name for field in dataclasses.fields(kind)]
+    unknown = [name for name in data if name not in names]
+    missing = [name for name in names if name not in data]
+    problems = []
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(map(str, unknown))}")
+    if missing:
+        problems.append(f"missing field(s) {', '.join(missing)}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+    hints = typing.get_type_hints(kind)
+    return kind(**{name: _field_value(hints[name], data[name], f"{where}.{name}")
+                   for name in names})
+
+
+def _field_value(hint: Any, value: Any, where: str) -> Any:
+    """`value` checked against the type `hint` (JSON lists become tuples, ints floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _field_value(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return config_from_fields(hint, value, where)
+    if origin is typing.Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, "
+                         f"found {reprlib.repr(value)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list, found {reprlib.repr(value)}")
+        return tuple(_field_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if hint is int and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    expected = {int: "a non-negative integer", float: "a finite number", str: "a string"}
+    raise ValueError(f"{where} must be {expected.get(hint, hint)}, found {reprlib.repr(value)}")
+
+
+class JsonConfig:
+    """Base of the model configs (frozen dataclasses): to and from the JSON of a checkpoint's
+    `lensjax.json`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Inverse of `to_dict` (lists from JSON become tuples). Every field of every part
+        must be present and of its type; otherwise a ValueError names the field
+        (`config.gpt2.n_layer must be ...`)."""
+        return config_from_fields(cls, data, "config")

@@ -1,0 +1,5 @@
+import sys
+
+from lensjax.train.cli import main
+
+sys.exit(main())

@@ -11,8 +11,8 @@ Written next to --out (all but scores.csv replaced only when complete):
   scores.csv     every pair: index, image_name, caption, score (empty for a missing or
                  unreadable image), written batch by batch: a killed run resumes where it
                  stopped and recomputes nothing already scored
-  filter.json    the model and its weights hash, threshold, counts kept/dropped/missing and
-                 the missing images
+  filter.json    the model and its weights hash, threshold, counts kept/dropped/missing, the
+                 missing images, and the rows skipped for an empty caption
   scores.png     the score histogram with the threshold marked
 """
 
@@ -44,14 +44,20 @@ class FilterError(RuntimeError):
     """A problem with the command's input, explained for the user."""
 
 
-def read_pairs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
-    """(image file, caption) of every non-empty row of the Instagram CSVs, in file order
-    (both of the original's layouts: `lensjax.data.captions.load_instagram`)."""
+def read_pairs(paths: Sequence[str | os.PathLike], empty: list[str] | None = None
+               ) -> list[tuple[str, str]]:
+    """(image file, caption) of every row with a caption in the Instagram CSVs, in file order
+    (both of the original's layouts: `lensjax.data.captions.load_instagram`); rows with an
+    empty caption are skipped, as the original skipped them, and named (`file:line`) in
+    `empty`."""
     from lensjax.data.captions import instagram_rows
 
     pairs: list[tuple[str, str]] = []
     for path in paths:
-        pairs.extend(instagram_rows(Path(path)))
+        lines: list[int] = []
+        pairs.extend(instagram_rows(Path(path), lines))
+        if empty is not None:
+            empty.extend(f"{path}:{line}" for line in lines)
     return pairs
 
 
@@ -141,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FilterError(f"--out: {error}") from None
     if not args.images.is_dir():
         raise FilterError(f"--images: {args.images} is not a folder")
-    pairs = read_pairs(args.data)
+    empty: list[str] = []
+    pairs = read_pairs(args.data, empty)
     if not pairs:
         raise FilterError("the CSVs hold no (image, caption) pairs")
     model = _model(args.weights)
@@ -173,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 done[index] = score
                 writer.writerow([index, *pairs[index], "" if score is None else repr(score)])
             handle.flush()
-    return _finish(args, pairs, done, model)
+    return _finish(args, pairs, done, model, empty)
 
 
 def _score(model, images: list[np.ndarray], texts: list[str], batch_size: int) -> np.ndarray:
@@ -185,7 +192,8 @@ def _score(model, images: list[np.ndarray], texts: list[str], batch_size: int) -
     return scores[: len(images)]
 
 
-def _finish(args, pairs, done: dict[int, float | None], model) -> dict[str, Any]:
+def _finish(args, pairs, done: dict[int, float | None], model, empty: list[str]
+            ) -> dict[str, Any]:
     kept = [pairs[i] for i in range(len(pairs)) if done[i] is not None
             and done[i] >= args.threshold]
     missing = sorted({pairs[i][0] for i in range(len(pairs)) if done[i] is None})
@@ -203,6 +211,8 @@ def _finish(args, pairs, done: dict[int, float | None], model) -> dict[str, Any]
         "dropped": int(np.sum(scored < args.threshold)),
         "missing": len([s for s in done.values() if s is None]),
         "missing_images": missing,
+        "empty_captions": len(empty),
+        "empty_caption_rows": empty[:100],
         "data": [str(p) for p in args.data],
         "images": str(args.images),
     }

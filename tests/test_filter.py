@@ -66,6 +66,8 @@ def test_scores_equal_clip_scores_and_the_threshold_keeps_ties(setup, tmp_path):
     report = json.loads((again.parent / "filter.json").read_text())
     assert (report["kept"], report["dropped"], report["missing"]) == (6, 5, 2)
     assert report["missing_images"] == ["absent.png", "notes.png"]
+    assert report["empty_captions"] == 1  # the posts.csv row of empty.png
+    assert report["empty_caption_rows"] == [f"{setup['data']}:15"]
     assert (again.parent / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -314,9 +314,10 @@ def load_instagram(paths: PathLike | Iterable[PathLike]) -> dict[str, list[str]]
     return captions
 
 
-def instagram_rows(path: Path) -> Iterable[tuple[str, str]]:
+def instagram_rows(path: Path, empty: list[int] | None = None
+                   ) -> Iterable[tuple[str, str]]:
     """(image file, caption) of each row with a caption, in file order (`load_instagram`'s
-    layouts and errors)."""
+    layouts and errors); the line numbers of rows with an empty caption go to `empty`."""
     reader = csv.reader(io.StringIO(read_utf8_text(path), newline=""))
     rows = ((reader.line_num, row) for row in reader if any(cell.strip() for cell in row))
     first = next(rows, None)
@@ -342,6 +343,8 @@ def instagram_rows(path: Path) -> Iterable[tuple[str, str]]:
             raise ValueError(f"{path}:{lineno}: empty image file name")
         if caption:
             yield name, caption
+        elif empty is not None:
+            empty.append(lineno)
 
 
 def _instagram_columns(path: Path, lineno: int, row: list[str]) -> tuple[int, int] | None:

@@ -1,7 +1,8 @@
-"""What a captioner family gives `lensjax.generate`: two decode hooks over its own state.
+"""What a captioner family gives `lensjax.generate`: decode hooks over its own state.
 
     start_decoding(features (B, S, F), slots, max_new) -> DecodePrefix
     decode_step(context, cache, tokens (B*slots,), position, origin) -> (logits, cache)
+    reorder_state(cache, parents (B, slots)) -> cache
 
 `slots` is the number of rows per image (beams; 1 when sampling). The prefix holds what every
 step reuses (`context`, e.g. the cross-attention keys and values of the image), the decoder
@@ -9,9 +10,9 @@ state after the BOS token (`cache`: a KV cache, or any pytree), the logits of th
 generated token (B*slots, vocab) and that token's position. `origin` (B, slots, positions)
 says which slot holds each row's history (beam search; None: every row its own), so KV caches
 are never reordered; a state that cannot be read that way (an LSTM's (h, c)) is reordered
-by the third hook, `reorder_state(cache, parents (B, slots))`, which beam search calls after
-each step (KV-cache families return the cache unchanged: `KVCacheDecoding`). One greedy /
-top-k / beam implementation serves every family.
+by `reorder_state`, which beam search calls after each step (KV-cache families return the
+cache unchanged: `KVCacheDecoding`). One greedy / top-k / beam implementation serves every
+family.
 """
 
 from __future__ import annotations

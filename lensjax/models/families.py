@@ -1,5 +1,6 @@
-"""The captioner families lensjax knows, by name: each family's configuration class (with its
-presets), module, optimizer label rules, initial-weight groups and decoding defaults.
+"""The model families lensjax knows, by name (the captioners v3b and v3a, and CLIP, the scorer
+v3d's filter uses): each family's configuration class (with its presets), module, optimizer
+label rules, initial-weight groups and decoding defaults.
 
 A checkpoint records its family in `lensjax.json` (`"family"`); one without it is v3b. To add
 a family, add its folder under `lensjax/models/` (config with presets, modules with the decode

@@ -32,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from lensjax.cli import EXIT_BAD_INPUT, EXIT_DONE, EXIT_INTERRUPTED, CliParser, int_in
+from lensjax.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    CliParser,
+    finite_float,
+    int_in,
+)
 from lensjax.files import OutputError, check_output, write_text_atomic
 
 THRESHOLD = 0.27
@@ -255,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                         help=f"CLIP checkpoint (python -m bridge import --family clip) "
                         f"(default: {DEFAULT_WEIGHTS})")
-    parser.add_argument("--threshold", type=float, default=THRESHOLD,
+    parser.add_argument("--threshold", type=finite_float(), default=THRESHOLD,
                         help=f"keep pairs scoring at least this (default: {THRESHOLD})")
     parser.add_argument("--out", type=Path, default=Path("filtered.csv"),
                         help="the kept pairs' CSV; scores.csv, filter.json and scores.png go "

@@ -93,6 +93,9 @@ def test_a_killed_run_resumes_without_recomputing_and_ends_the_same(setup, tmp_p
 
 
 def test_strict_and_bad_inputs_are_named(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run(setup, tmp_path / "n.csv", "--threshold", "nan")
+    assert exit_.value.code == 2 and "must be a finite number" in capsys.readouterr().err
     assert _run(setup, tmp_path / "s" / "f.csv", "--strict") == 2
     assert "absent.png" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"

@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 from bridge.convert import import_clip_model
 
                 files = _import_files(args)
-                if set(files) != {"hf"} and set(files) != {"openai"} and set(files) != {
-                        "open_clip"}:
+                if len(files) != 1 or not set(files) <= {"hf", "openai", "open_clip"}:
                     raise BridgeError("a clip import reads one of --hf, --openai, --open-clip "
                                       f"(given: {', '.join(files) or 'none'})")
                 clip_model = import_clip_model(next(iter(files.values())), log=print,

@@ -39,8 +39,7 @@ from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
 from lensjax.files import OutputError, check_output, temporary_sibling
 from lensjax.models.clip.config import CLIPConfig
 from lensjax.models.convnext import MultiScaleHead
-from lensjax.models.families import config_from_metadata
-from lensjax.models.v3a import V3AConfig
+from lensjax.models.families import config_from_metadata, family_named
 from lensjax.models.v3b.captioner import PRESETS, CaptionerConfig
 from lensjax.params import abstract_params, build_captioner, check_params, flat_params
 
@@ -239,7 +238,6 @@ FAMILY_FILES: dict[str, dict[str, bool]] = {
             "encoder": False, "encoder_head": False, "gpt2": True},
     "v3a": {"projection_head": True, "decoder": True, "encoder": False, "encoder_head": False},
 }
-DEFAULT_PRESETS = {"v3b": "v3b", "v3a": "v3a"}
 
 
 def _v3b_config(sources: Mapping[str, Source], preset: str) -> CaptionerConfig:
@@ -294,12 +292,12 @@ def import_params(
         sources[component] = Source(component, resolved, tensors, table)
         say(f"read {resolved} ({len(tensors)} tensors): {table.name}")
 
-    preset = preset or DEFAULT_PRESETS[family]
+    preset = preset or family  # each family's full-size preset is named after it
     if family == "v3b":
         cfg = _v3b_config(sources, preset)
     else:
         try:
-            cfg = V3AConfig.from_preset(preset)
+            cfg = family_named(family).config.from_preset(preset)
         except ValueError as error:
             raise BridgeError(str(error)) from None
     cfg = dataclasses.replace(
@@ -364,16 +362,19 @@ def import_clip(path: str | os.PathLike, *, preset: str = "clip-vit-b-32", log=N
     return cfg, params, components
 
 
+def _provenance() -> dict[str, Any]:
+    """What an imported checkpoint records about how it was made."""
+    return {"created_by": "bridge import", "lensjax_version": lensjax.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
 def import_clip_model(path: str | os.PathLike, *, preset: str = "clip-vit-b-32", log=None):
     """`import_clip` -> a ready `lensjax.clip.ClipModel`."""
     from lensjax.clip import ClipModel
 
     cfg, params, components = import_clip(path, preset=preset, log=log)
-    metadata = {"components": components,
-                "provenance": {"created_by": "bridge import", "lensjax_version":
-                               lensjax.__version__, "created":
-                               datetime.datetime.now(datetime.UTC).isoformat()}}
-    return ClipModel(build_captioner(cfg, params), metadata)
+    return ClipModel(build_captioner(cfg, params),
+                     {"components": components, "provenance": _provenance()})
 
 
 def import_gpt2(path: str | os.PathLike, cfg: CaptionerConfig) -> dict[str, np.ndarray]:
@@ -396,12 +397,7 @@ def import_model(**kwargs: Any) -> CaptionModel:
     metadata = {
         "components": components,
         "tokenizer": GPT2_TOKENIZER,
-        "provenance": {
-            "created_by": "bridge import",
-            "lensjax_version": lensjax.__version__,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(),
-            "phase": None,
-        },
+        "provenance": {**_provenance(), "phase": None},
     }
     return CaptionModel.from_params(cfg, params, metadata)
 

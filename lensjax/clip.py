@@ -47,6 +47,11 @@ def preprocess(image: Image.Image, size: int = 224) -> np.ndarray:
     return (pixels - MEAN) / STD
 
 
+def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+    """Image file -> `preprocess`ed float32 (size, size, 3); ImageError for unusable files."""
+    return preprocess(open_rgb(path), size)
+
+
 class ClipModel:
     """A CLIP module with jitted image and text encoders."""
 
@@ -98,7 +103,7 @@ class ClipModel:
         if isinstance(images_or_paths, np.ndarray | jax.Array):
             return np.asarray(images_or_paths, np.float32)
         size = self.config.vision.image_size
-        return np.stack([preprocess(open_rgb(p), size) for p in images_or_paths])
+        return np.stack([load_image(p, size) for p in images_or_paths])
 
     def similarity(self, images_or_paths: np.ndarray | Sequence[str | os.PathLike],
                    texts: Sequence[str] | np.ndarray) -> np.ndarray:

@@ -123,13 +123,11 @@ def _batches(pairs, todo: list[int], folder: Path, batch_size: int, threads: int
              ) -> Iterator[tuple[list[int], list[np.ndarray | Exception]]]:
     """Batches of (pair indices, their preprocessed images or ImageErrors), decoded ahead on
     background threads."""
-    from lensjax.clip import preprocess
-    from lensjax.data.images import load_images_in_background, open_rgb
+    from lensjax.clip import load_image
+    from lensjax.data.images import load_images_in_background
 
     loaded = load_images_in_background([folder / pairs[i][0] for i in todo], size, threads,
-                                       prefetch=2 * batch_size,
-                                       loader=lambda path, size: preprocess(open_rgb(path),
-                                                                            size))
+                                       prefetch=2 * batch_size, loader=load_image)
     indices, images = [], []
     for index, (_, image) in zip(todo, loaded, strict=True):
         indices.append(index)

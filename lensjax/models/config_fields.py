@@ -62,8 +62,24 @@ def _field_value(hint: Any, value: Any, where: str) -> Any:
 
 
 class JsonConfig:
-    """Base of the model configs (frozen dataclasses): to and from the JSON of a checkpoint's
-    `lensjax.json`."""
+    """Base of the model configs (frozen dataclasses with a `family` and a `preset`): named
+    presets (the family's, `lensjax.models.families`), and to and from the JSON of a
+    checkpoint's `lensjax.json`."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Any:
+        """The family's preset `name`, with `overrides` of its fields."""
+        from lensjax.models.families import family_named
+
+        presets = family_named(cls.family).presets
+        if name not in presets:
+            raise ValueError(f"unknown {cls.family} preset {name!r}; choose one of "
+                             f"{sorted(presets)}")
+        return dataclasses.replace(presets[name], **overrides)
+
+    def describe(self) -> str:
+        """e.g. "v3a preset 'v3a'", for messages."""
+        return f"{self.family} preset {self.preset!r}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -88,7 +88,7 @@ def preset_config(name: str) -> Any:
     raise ValueError(f"unknown preset {name!r}; presets: {', '.join(all_presets())}")
 
 
-def all_presets(captioners_only: bool = True) -> list[str]:
-    """The presets of every (captioner) family."""
-    return [name for family in FAMILIES.values() if family.captioner or not captioners_only
+def all_presets() -> list[str]:
+    """The presets of every captioner family."""
+    return [name for family in FAMILIES.values() if family.captioner
             for name in family.presets]

@@ -8,7 +8,7 @@ heads; text width 512, 12 layers, 8 heads, context 77, vocabulary 49,408; embedd
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lensjax.models.config_fields import JsonConfig
 
@@ -52,16 +52,7 @@ class CLIPConfig(JsonConfig):
             raise ValueError(f"image size {self.vision.image_size} is not a multiple of the "
                              f"patch size {self.vision.patch_size}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> CLIPConfig:
-        """Named presets: `clip-vit-b-32`, `clip-tiny`."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown CLIP preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
 
-    def describe(self) -> str:
-        """e.g. "clip preset 'clip-vit-b-32'", for messages."""
-        return f"clip preset {self.preset!r}"
 
 
 

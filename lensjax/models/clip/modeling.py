@@ -127,11 +127,3 @@ class CLIP(nnx.Module):
         x = self.ln_final(x)
         end = jnp.argmax(ids, axis=-1)
         return x[jnp.arange(x.shape[0]), end] @ self.text_projection[...]
-
-    def similarity(self, images: jax.Array, ids: jax.Array) -> jax.Array:
-        """Cosine similarity of each (image, text) pair: (B, S, S, 3), (B, 77) -> (B,)."""
-        image = self.encode_image(images)
-        text = self.encode_text(ids)
-        image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-        return jnp.sum(image * text, axis=-1)

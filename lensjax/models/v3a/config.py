@@ -7,7 +7,7 @@ dropout 0.1, 2,000 sinusoidal positions, the GPT-2 vocabulary) and `v3a-tiny` (f
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lensjax.models.config_fields import JsonConfig
 from lensjax.models.convnext import ConvNeXtConfig, HeadConfig
@@ -49,12 +49,6 @@ class V3AConfig(JsonConfig):
             raise ValueError(f"the encoder head gives {self.head.out_dim}-wide features, the "
                              f"projection head takes {self.feature_dim}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> V3AConfig:
-        """Named presets: `v3a` (the original's), `v3a-tiny` (small shapes for tests)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown v3a preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
 
     @property
     def vocab_size(self) -> int:
@@ -69,9 +63,6 @@ class V3AConfig(JsonConfig):
         """The most tokens one caption can have after its BOS (the sinusoidal table's rows)."""
         return self.decoder.max_positions - 1
 
-    def describe(self) -> str:
-        """e.g. "v3a preset 'v3a'", for messages."""
-        return f"v3a preset {self.preset!r}"
 
 
 

@@ -10,7 +10,7 @@ Top-level components (also the optimizer's labels): `encoder`, `encoder_head`, `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +42,6 @@ class CaptionerConfig(JsonConfig):
     image_size: int = 224
     preset: str = "custom"
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> CaptionerConfig:
-        """Named presets: `v3b` (the released model), `v3b-src` (src/model.py form),
-        `tiny`, `tiny-src` (small shapes for tests), `demo` (`make demo`'s model)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
 
     @property
     def feature_dim(self) -> int:
@@ -110,6 +103,8 @@ def _demo() -> CaptionerConfig:
         gpt2=dataclasses.replace(tiny.gpt2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
 
 
+# Named presets (`CaptionerConfig.from_preset`): `v3b` (the released model), `v3b-src`
+# (src/model.py form), `tiny`, `tiny-src` (small shapes for tests), `demo` (make demo's model).
 PRESETS: dict[str, CaptionerConfig] = {
     "v3b": CaptionerConfig(PerceiverConfig.notebook(), GPT2Config.gpt2(), preset="v3b"),
     "v3b-src": CaptionerConfig(PerceiverConfig.src(), GPT2Config.src(), preset="v3b-src"),

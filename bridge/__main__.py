@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="check the model is in this layout (default: the model's own)")
     exp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                      help="cast every tensor (default: each file's dtype at import)")
+    exp.add_argument("--merge-lora", action="store_true",
+                     help="a LoRA-trained checkpoint (python -m lensjax.train --lora): write "
+                     "its weights with the adapters merged, W + alpha/rank * A @ B")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     ins = commands.add_parser(
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             from bridge.convert import export_files
 
             export_files(args.checkpoint, args.out, layout=args.layout, dtype=args.dtype,
-                         force=args.force, log=print)
+                         force=args.force, merge_lora=args.merge_lora, log=print)
             print(f"wrote {args.out}")
         else:
             _inspect(args.files)

@@ -35,7 +35,7 @@ from bridge.io import (
 )
 from bridge.tables import DESCRIPTIONS, EXPORT_TABLES, TABLES, Table
 from lensjax.api import CaptionModel
-from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint
+from lensjax.checkpoint import GPT2_TOKENIZER, load_checkpoint, read_metadata
 from lensjax.files import OutputError, check_output, temporary_sibling
 from lensjax.models.clip.config import CLIPConfig
 from lensjax.models.convnext import MultiScaleHead
@@ -471,6 +471,7 @@ def export_files(
     layout: str | None = None,
     dtype: str | None = None,
     force: bool = False,
+    merge_lora: bool = False,
     log=None,
 ) -> dict[str, Path]:
     """Write a checkpoint as LensToWords' files -> {component: written path}.
@@ -481,10 +482,15 @@ def export_files(
     encoder_convnext_tiny.pth when present. `layout`, if given, must be the model's (v3b:
     notebook or src; v3a: v3a). `out` is checked by `check_out` before
     the checkpoint is read (and verified against its checksums); it is replaced only when
-    complete.
+    complete. A LoRA-trained checkpoint needs `merge_lora`: the original's files have no place
+    for adapters, so they are folded into the weights (W + alpha/rank * A @ B).
     """
     say = log or (lambda message: None)
     out = check_out(out, [checkpoint], force=force).absolute()
+    if "lora" in read_metadata(checkpoint) and not merge_lora:
+        raise BridgeError(f"{checkpoint} holds LoRA adapters, which the original's files have "
+                          "no place for: pass --merge-lora to write the weights with the "
+                          "adapters merged")
     params, metadata = load_checkpoint(checkpoint)
     cfg = config_from_metadata(metadata)
     own_layout = cfg.layout if cfg.family == "v3b" else cfg.family

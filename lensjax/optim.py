@@ -2,8 +2,9 @@
 
 Every parameter path gets a component label from its family's rules (v3b: `encoder`,
 `encoder_head`, `perceiver`, `gpt2`, `xattn`, `lm`; v3a: `encoder`, `encoder_head`,
-`projection_head`, `decoder`, and `fixed` for the sinusoidal table, which never trains). A
-phase trains some labels, each at its own learning rate; the rest are frozen. The optimizer
+`projection_head`, `decoder`, and `fixed` for the sinusoidal table, which never trains; any
+family's LoRA adapters: `lora`). A phase trains some labels, each at its own learning rate;
+the rest are frozen. The optimizer
 is `optax.multi_transform` over the labels, applied to the pure parameter pytree (not inside
 `nnx.Optimizer`): trained labels get Adam (LensToWords' optimizer: no weight decay, no
 schedule), frozen labels `optax.set_to_zero()`, which keeps no state.
@@ -21,8 +22,9 @@ from lensjax.models.families import FAMILIES
 
 # (label, path pattern) of every family (their parameter paths do not overlap); the first
 # match wins.
-LABEL_RULES: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(
-    rule for family in FAMILIES.values() for rule in family.label_rules))
+LABEL_RULES: tuple[tuple[str, str], ...] = (
+    ("lora", r"^lora\."),  # LoRA adapters (lensjax.lora), of any family
+    *dict.fromkeys(rule for family in FAMILIES.values() for rule in family.label_rules))
 UNTRAINABLE = frozenset({"fixed"})
 # The labels a learning rate can be given to.
 LABELS = tuple(dict.fromkeys(label for label, _ in LABEL_RULES if label not in UNTRAINABLE))

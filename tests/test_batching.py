@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lensjax.data.batching import CaptionBatches, available_pairs
+from lensjax.data.batching import CaptionBatches, MixedBatches, available_pairs, mix_counts
 from lensjax.data.cache import FeatureCache
 from lensjax.data.tokenizer import EOS_ID, GPT2Tokenizer
 
@@ -94,3 +94,55 @@ def test_a_failing_read_reaches_the_consumer(setup, monkeypatch):
     monkeypatch.setattr(batches.cache, "get_batch", broken)
     with pytest.raises(OSError, match="disk gone"):
         list(batches.epoch(0))
+
+
+def test_mix_counts_fill_every_batch_and_track_the_shares():
+    counts = mix_counts([0.5, 0.3, 0.2], 32, 200)
+    assert counts.shape == (200, 3) and np.all(counts.sum(1) == 32) and np.all(counts >= 0)
+    running = np.cumsum(counts, axis=0)
+    expected = np.outer(np.arange(1, 201) * 32, [0.5, 0.3, 0.2])
+    assert np.abs(running - expected).max() < 1.0
+    assert np.all(mix_counts([1.0, 100.0], 8, 50).sum(1) == 8)  # a share under a row
+
+
+def _mixed(setup, **kwargs):
+    captions, cache, tokenizer = setup
+    keys = [k for k in captions if k in cache]
+    # Two sources over the same images, told apart by their captions' words.
+    big = [(k, f"caption {j} of {k}") for k in keys for j in range(3)]
+    small = [(k, "social words") for k in keys[:5]]
+    args = {"batch_size": 8, "max_len": 16, **kwargs}
+    return MixedBatches({"big": big, "small": small}, {"big": 0.75, "small": 0.25}, cache,
+                        tokenizer, **args), tokenizer
+
+
+def test_mixed_batches_follow_the_mix_and_the_target_defines_the_epoch(setup):
+    batches, tokenizer = _mixed(setup)
+    assert len(batches) == len(batches.examples[0]) // 6  # 6 target rows per batch of 8
+    social = tokenizer.encode("social words")[0]
+    rows = small = 0
+    for epoch in range(200 // len(batches) + 1):
+        for b in batches.epoch(epoch):
+            rows += len(b.lengths)
+            small += int(np.sum(b.inputs[:, 1] == social))
+    assert rows >= 200 * 8
+    assert abs(small / rows - 0.25) < 0.05
+    # Target rows of one epoch: a permutation's prefix, each example at most once.
+    seen = [(k, tuple(row)) for b in batches.epoch(0)
+            for k, row in zip(b.keys, b.inputs, strict=True) if row[1] != social]
+    assert len(seen) == len(batches) * 6 == len(set(seen))
+
+
+def test_mixed_batches_are_a_function_of_seed_epoch_and_index(setup):
+    batches, _ = _mixed(setup, seed=3)
+    again, _ = _mixed(setup, seed=3)
+    resumed = list(again.epoch(1, start=2))
+    for index, b in enumerate(list(batches.epoch(1))[2:]):
+        assert b.keys == resumed[index].keys
+        np.testing.assert_array_equal(b.inputs, resumed[index].inputs)
+    other, _ = _mixed(setup, seed=4)
+    assert [b.keys for b in other.epoch(1)] != [b.keys for b in batches.epoch(1)]
+    # Two processes take the two halves of each global batch.
+    halves = [_mixed(setup, seed=3, process_index=i, process_count=2)[0] for i in (0, 1)]
+    whole = batches.batch(1, 0)
+    assert halves[0].batch(1, 0).keys + halves[1].batch(1, 0).keys == whole.keys

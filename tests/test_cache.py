@@ -377,3 +377,18 @@ def test_closed_cache_refuses_reads(tmp_path):
     cache.close()
     with pytest.raises(ValueError, match="closed"):
         cache["10000.jpg"]
+
+
+def test_shards_of_two_caches_read_with_their_described_shape(tmp_path):
+    from lensjax.data.cache import SHARD_PREFIX, FeatureCache, FeatureCacheError
+
+    rng = np.random.default_rng(0)
+    for name, shape in (("a", (4, 6)), ("b", (4, 6)), ("c", (4, 5))):
+        with FeatureCache.create(tmp_path / name, shards=2, shape=shape) as writer:
+            writer.put(f"{name}.png", rng.standard_normal(shape))
+    shards = [s for name in "ab" for s in sorted((tmp_path / name).glob(SHARD_PREFIX + "*"))]
+    cache = FeatureCache(shards)
+    assert cache.shape == (4, 6) and {"a.png", "b.png"} <= set(cache.keys())
+    mixed = [s for name in "ac" for s in sorted((tmp_path / name).glob(SHARD_PREFIX + "*"))]
+    with pytest.raises(FeatureCacheError, match="different shapes"):
+        FeatureCache(mixed)

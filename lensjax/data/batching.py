@@ -47,31 +47,29 @@ def available_pairs(
     return pairs, missing
 
 
-class CaptionBatches:
-    """Fixed-size batches over (image key, caption) pairs; the last partial batch is dropped.
-    `cache` gives each batch's inputs: a FeatureCache's features or an ImageCache's images."""
+class _Examples:
+    """(image key, caption) pairs tokenized once: keys, token sequences and lengths."""
 
-    def __init__(
-        self,
-        pairs: Sequence[tuple[str, str]],
-        cache: FeatureCache,
-        tokenizer: GPT2Tokenizer,
-        *,
-        batch_size: int,
-        max_len: int = MAX_LEN,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        if batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} is not divisible by {process_count} "
-                             "processes")
-        if len(pairs) < batch_size:
-            raise ValueError(f"{len(pairs)} examples cannot fill one batch of {batch_size}")
+    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: GPT2Tokenizer,
+                 max_len: int):
         self.keys = [key for key, _ in pairs]
         self.sequences, self.lengths = build_sequences(
             tokenizer.encode_batch([caption for _, caption in pairs]), max_len
         )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _Batches:
+    """Fixed-size batches whose every epoch is planned from (seed, epoch) alone
+    (`_plan`), read `prefetch` ahead on a background thread."""
+
+    def __init__(self, cache: FeatureCache | ImageCache, batch_size: int, seed: int,
+                 process_index: int, process_count: int):
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} is not divisible by {process_count} "
+                             "processes")
         self.cache = cache
         self.batch_size = batch_size
         self.seed = seed
@@ -79,23 +77,24 @@ class CaptionBatches:
                           (process_index + 1) * batch_size // process_count)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return len(self.keys) // self.batch_size
+        raise NotImplementedError
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The example order of `epoch`: a permutation seeded by (seed, epoch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.keys))
+    def _plan(self, epoch: int):
+        raise NotImplementedError
+
+    def _batch(self, plan, index: int) -> Batch:
+        raise NotImplementedError
 
     def batch(self, epoch: int, index: int) -> Batch:
         """Batch `index` of `epoch` (this process's rows)."""
-        return self._rows_batch(self.order(epoch), index)
+        return self._batch(self._plan(epoch), index)
 
     def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[Batch]:
         """Batches `start..len-1` of `epoch`, read `prefetch` ahead on a background thread."""
-        order = self.order(epoch)
+        plan = self._plan(epoch)
         if prefetch <= 0:
             for index in range(start, len(self)):
-                yield self._rows_batch(order, index)
+                yield self._batch(plan, index)
             return
         results: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
@@ -105,7 +104,7 @@ class CaptionBatches:
                 for index in range(start, len(self)):
                     if stop.is_set():
                         return
-                    results.put(self._rows_batch(order, index))
+                    results.put(self._batch(plan, index))
             except Exception as error:  # handed to the consumer, which re-raises it
                 results.put(error)
             results.put(None)
@@ -125,8 +124,134 @@ class CaptionBatches:
                 except queue.Empty:
                     worker.join(0.01)
 
-    def _rows_batch(self, order: np.ndarray, index: int) -> Batch:
+    def _assemble(self, examples: _Examples, rows: np.ndarray) -> Batch:
+        keys = [examples.keys[r] for r in rows]
+        inputs, targets = shift(examples.sequences[rows])
+        return Batch(self.cache.get_batch(keys), inputs, targets, examples.lengths[rows], keys)
+
+
+class CaptionBatches(_Batches):
+    """Fixed-size batches over (image key, caption) pairs; the last partial batch is dropped.
+    `cache` gives each batch's inputs: a FeatureCache's features or an ImageCache's images."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        cache: FeatureCache | ImageCache,
+        tokenizer: GPT2Tokenizer,
+        *,
+        batch_size: int,
+        max_len: int = MAX_LEN,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        super().__init__(cache, batch_size, seed, process_index, process_count)
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} examples cannot fill one batch of {batch_size}")
+        self.examples = _Examples(pairs, tokenizer, max_len)
+        self.keys = self.examples.keys
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.keys) // self.batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of `epoch`: a permutation seeded by (seed, epoch)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.keys))
+
+    _plan = order
+
+    def _batch(self, order: np.ndarray, index: int) -> Batch:
         rows = order[index * self.batch_size : (index + 1) * self.batch_size][self.rows]
-        keys = [self.keys[r] for r in rows]
-        inputs, targets = shift(self.sequences[rows])
-        return Batch(self.cache.get_batch(keys), inputs, targets, self.lengths[rows], keys)
+        return self._assemble(self.examples, rows)
+
+
+def mix_counts(weights: Sequence[float], batch_size: int, batches: int) -> np.ndarray:
+    """Rows per source in each of `batches` batches: (batches, sources) int, every row summing
+    to `batch_size`, the running totals within one row of `weights` (normalised) times the
+    rows so far (each batch gives its rows to the sources furthest behind their share)."""
+    share = np.asarray(weights, np.float64) / np.sum(weights)
+    counts = np.zeros((batches, len(share)), np.int64)
+    given = np.zeros(len(share))
+    for index in range(batches):
+        need = share * batch_size * (index + 1) - given
+        row = np.maximum(np.floor(need), 0).astype(np.int64)
+        while row.sum() > batch_size:  # only when a share is below a row per batch
+            row[np.argmax(row - need)] -= 1
+        for _ in range(batch_size - int(row.sum())):
+            row[np.argmax(need - row)] += 1
+        counts[index] = row
+        given += row
+    return counts
+
+
+class MixedBatches(_Batches):
+    """Batches drawn from several named sources at fixed shares (`--mix`), for fine-tuning
+    on a new domain without forgetting an old one.
+
+    Each batch holds about `weights[name] * batch_size` rows of each source (`mix_counts`).
+    The first source is the target: an epoch is as many batches as it takes to show each of
+    its examples about once. Every source's rows of an epoch come from its own permutations
+    seeded by (seed, epoch, source), repeated where the epoch needs more rows than the source
+    has (sampling with replacement across passes) and cut where it needs fewer."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, Sequence[tuple[str, str]]],
+        weights: Mapping[str, float],
+        cache: FeatureCache | ImageCache,
+        tokenizer: GPT2Tokenizer,
+        *,
+        batch_size: int,
+        max_len: int = MAX_LEN,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        super().__init__(cache, batch_size, seed, process_index, process_count)
+        if set(sources) != set(weights) or not sources:
+            raise ValueError(f"mix weights for {sorted(weights)} but sources "
+                             f"{sorted(sources)}")
+        if not all(w > 0 for w in weights.values()):
+            raise ValueError(f"mix weights must be > 0, got {dict(weights)}")
+        self.names = list(weights)
+        self.weights = np.array([weights[n] for n in self.names], np.float64)
+        self.weights /= self.weights.sum()
+        self.examples = [_Examples(sources[n], tokenizer, max_len) for n in self.names]
+        for name, examples in zip(self.names, self.examples, strict=True):
+            if not len(examples):
+                raise ValueError(f"mix source {name!r} has no examples")
+        per_batch = self.weights[0] * batch_size
+        self._length = max(1, int(len(self.examples[0]) // per_batch))
+        self.counts = mix_counts(self.weights, batch_size, self._length)
+        self._starts = np.cumsum(self.counts, axis=0) - self.counts  # rows before each batch
+
+    def __len__(self) -> int:
+        """Batches per epoch (the target source's examples, shown about once)."""
+        return self._length
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """Each source's row stream for `epoch`."""
+        streams = []
+        for number, (examples, needed) in enumerate(zip(self.examples, self.counts.sum(0),
+                                                        strict=True)):
+            passes = -(-int(needed) // len(examples))
+            streams.append(np.concatenate([
+                np.random.default_rng([self.seed, epoch, number, k]).permutation(len(examples))
+                for k in range(max(passes, 1))]))
+        return streams
+
+    def _batch(self, streams: list[np.ndarray], index: int) -> Batch:
+        start = self._starts[index]
+        parts = []
+        for source, examples in enumerate(self.examples):
+            rows = streams[source][start[source] : start[source] + self.counts[index, source]]
+            parts.append(self._assemble(examples, rows))
+        batch = Batch(np.concatenate([p.features for p in parts]),
+                      *(np.concatenate([getattr(p, f) for p in parts])
+                        for f in ("inputs", "targets", "lengths")),
+                      [k for p in parts for k in p.keys])
+        sliced = self.rows
+        return Batch(batch.features[sliced], batch.inputs[sliced], batch.targets[sliced],
+                     batch.lengths[sliced], batch.keys[sliced])

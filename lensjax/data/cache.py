@@ -238,8 +238,17 @@ def _check_listed_shards(paths: Sequence[PathLike]) -> tuple[list[Path], Path | 
             raise FileNotFoundError(f"{shard}: no such LMDB shard folder")
         if not _is_shard(shard):
             raise FeatureCacheError(f"{shard} is not an LMDB shard (no data.mdb in it)")
-    parents = {shard.absolute().parent for shard in shards}
-    return shards, parents.pop() if len(parents) == 1 else None
+    parents = list(dict.fromkeys(shard.absolute().parent for shard in shards))
+    if len(parents) == 1:
+        return shards, parents[0]
+    # Shards of several caches (--features A B): their descriptions must agree on the shape.
+    described = [(p, read_metadata(p)) for p in parents]
+    described = [(p, m) for p, m in described if m is not None]
+    shapes = {tuple(m["shape"]) for _, m in described}
+    if len(shapes) > 1:
+        raise FeatureCacheError("the caches hold features of different shapes: " + "; ".join(
+            f"{p}: {tuple(m['shape'])}" for p, m in described))
+    return shards, described[0][0] if described else None
 
 
 def _open_env(shard: Path, failure: str, **options: Any) -> lmdb.Environment:

@@ -33,7 +33,8 @@ DEFAULT_FAMILY = "v3b"
 class Family:
     """One generation of LensToWords (or CLIP, the scorer v3d filtered its data with).
     `module(cfg, rngs=...)` builds the model; `decoding` holds a captioner's sampler defaults
-    (`top_k`, `temperature`, `retry`: the v3b retry rule); `captioner` is False for CLIP."""
+    (`top_k`, `temperature`, `retry`: the v3b retry rule); `captioner` is False for CLIP;
+    `lora_targets` names the dense layers `--lora` adapts by default (`lensjax.lora`)."""
 
     name: str
     summary: str
@@ -44,15 +45,18 @@ class Family:
     init_groups: Mapping[str, tuple[str, ...]]
     decoding: Mapping[str, Any]
     captioner: bool = True
+    lora_targets: tuple[str, ...] = ()  # the layers `--lora` adapts unless told others
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     Family("v3b", "ConvNeXt features -> Perceiver -> GPT-2 with cross-attention (v3b, v3c)",
            CaptionerConfig, Captioner, V3B_PRESETS, v3b_family.LABEL_RULES,
-           v3b_family.INIT_GROUPS, v3b_family.DECODING),
+           v3b_family.INIT_GROUPS, v3b_family.DECODING,
+           lora_targets=v3b_family.LORA_TARGETS),
     Family("v3a", "ConvNeXt features -> ProjectionHead -> 6-layer Transformer decoder",
            V3AConfig, V3ACaptioner, V3A_PRESETS, v3a_family.LABEL_RULES,
-           v3a_family.INIT_GROUPS, v3a_family.DECODING),
+           v3a_family.INIT_GROUPS, v3a_family.DECODING,
+           lora_targets=v3a_family.LORA_TARGETS),
     Family("clip", "CLIP ViT image and text towers: the image-caption scorer of v3d's filter",
            CLIPConfig, CLIP, CLIP_PRESETS, clip_family.LABEL_RULES, clip_family.INIT_GROUPS,
            clip_family.DECODING, captioner=False),

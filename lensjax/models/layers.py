@@ -94,6 +94,8 @@ class Linear(nnx.Linear):
     def __init__(self, in_features: int, out_features: int, **kwargs):
         super().__init__(in_features, out_features, **kwargs)
         self.transposed = False
+        # (A (in, r), B (r, out), scale) while training a LoRA adapter (lensjax.lora.attach)
+        self.lora: tuple[jax.Array, jax.Array, float] | None = None
 
     def set_storage(self, *, transposed: bool, dtype: jnp.dtype) -> None:
         """Store the kernel as (out, in) when `transposed`, else (in, out), in `dtype`."""
@@ -109,6 +111,9 @@ class Linear(nnx.Linear):
         contract = ((x.ndim - 1,), (1 if self.transposed else 0,))
         y = lax.dot_general(x.astype(kernel.dtype), kernel, (contract, ((), ())),
                             preferred_element_type=x.dtype)
+        if self.lora is not None:
+            a, b, scale = self.lora
+            y = y + scale * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
         return y + self.bias[...].astype(y.dtype)
 
 

@@ -92,6 +92,20 @@ examples:
   python -m lensjax.train --phase 2d --lr encoder=1e-4,encoder_head=1e-3 \\
       --images data/flickr30k/images                     # fine-tune the encoder too
 
+fine-tuning without forgetting (LensToWords' 3b lost COCO's descriptive style; its notebook
+names EWC, LoRA and mixed batches as the remedies):
+  --lora                     adapters only; base weights frozen, no optimizer state for them;
+                             latest/ and best/ keep the adapters in their lora/ tree (loading
+                             merges them; bridge export --merge-lora writes merged .pth files)
+  --data instagram=filtered.csv coco=captions_train2017.json --mix instagram=0.5,coco=0.5
+                             half of every batch from each; an epoch = one pass of instagram
+  --ewc 100 --ewc-data captions_train2017.json --ewc-batches 50
+                             the Fisher is estimated once at the start into ewc/ (resume
+                             reads it back)
+  e.g. 3b with a remedy: python -m lensjax.train --phase 3b --init 3a-ext=runs/3a-ext \\
+      --data instagram=data/filtered.csv coco=data/coco/annotations/captions_train2017.json \\
+      --mix instagram=0.5,coco=0.5 --lora rank=8,alpha=16
+
 run.json's status: running, then done, failed (with the step and the reason) or
 interrupted (with the step and the last saved step).
 
@@ -112,13 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--phase", required=True, choices=list(PHASES), metavar="PHASE",
                         help=f"one of: {', '.join(PHASES)}")
     where = parser.add_argument_group("data and weights")
-    where.add_argument("--data", nargs="+", metavar="SOURCE",
+    where.add_argument("--data", nargs="+", metavar="[NAME=]SOURCE",
                        help="caption source(s): Flickr30k captions.txt, COCO/Karpathy JSON, "
-                       "Instagram CSV; several are concatenated (default: per phase, "
-                       "e.g. data/flickr30k/captions.txt)")
-    where.add_argument("--val-data", metavar="SOURCE",
+                       "Instagram CSV; several are concatenated, or mixed per batch by --mix "
+                       "when named (coco=PATH) (default: per phase, e.g. "
+                       "data/flickr30k/captions.txt)")
+    where.add_argument("--val-data", nargs="+", metavar="[NAME=]SOURCE",
                        help="validation captions (default: LensToWords' 90/10 split of --data, "
-                       "random.seed(42); COCO phases: captions_val2017.json)")
+                       "random.seed(42); COCO phases: captions_val2017.json); with --mix, "
+                       "NAME=SOURCE for a named source's (the others are split 90/10)")
     where.add_argument("--features", nargs="+", metavar="CACHE",
                        help="feature cache folder(s) from python -m lensjax.extract")
     where.add_argument("--images", type=Path, metavar="DIR",
@@ -161,6 +177,25 @@ def _parser() -> argparse.ArgumentParser:
                        "every 50256 target")
     hyper.add_argument("--seed", type=int, default=0,
                        help=f"data order, dropout, fresh weights: 0 to {SEED_MAX} (default: 0)")
+    keep = parser.add_argument_group(
+        "fine-tuning without forgetting (see below; each works on any phase)")
+    keep.add_argument("--lora", nargs="?", const="", metavar="rank=R,alpha=A,targets=T,...",
+                      help="train LoRA adapters (scale alpha/rank, as PEFT) on the decoder's "
+                      "dense layers instead of its weights (default rank 8, alpha 16; targets: "
+                      "v3b c_attn,c_proj,c_fc,xattn; v3a self_attn,multihead_attn); adapters "
+                      "train at --lr lora= (default 10x the phase's largest rate)")
+    keep.add_argument("--mix", metavar="NAME=SHARE,...",
+                      help="draw each batch from the named --data sources at these shares; "
+                      "the first is the target, whose size defines the epoch (smaller "
+                      "sources repeat); validation is reported per source")
+    keep.add_argument("--ewc", type=float, metavar="LAMBDA",
+                      help="elastic weight consolidation: add LAMBDA/2 * sum F (w - w*)^2, "
+                      "F the diagonal Fisher at the initial weights w* on --ewc-data")
+    keep.add_argument("--ewc-data", nargs="+", metavar="SOURCE",
+                      help="the previous domain's caption source(s) (features from "
+                      "--features) the Fisher is estimated on")
+    keep.add_argument("--ewc-batches", type=int, default=50, metavar="N",
+                      help="batches of --ewc-data for the Fisher (default: 50)")
     running = parser.add_argument_group("running")
     start = running.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -242,7 +277,7 @@ def prepare_run(args: argparse.Namespace, folder: RunFolder, interrupts: Interru
                                    process_id=args.process_id)
     phase = PHASES[args.phase]
     settings = resolve_settings(args, phase, jax.device_count())
-    paths = data_paths(args, phase, settings.from_pixels)
+    paths = data_paths(args, phase, settings.from_pixels, settings.mix)
     init: dict[str, str] = {}
     for text in args.init or []:
         init.update(parse_assignments(text, "--init"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,24 +28,67 @@ DEFAULT_DATA: Mapping[str, tuple[list[str], str | None, list[str], str | None]] 
 }
 
 
+_SOURCE_NAME = re.compile(r"^[A-Za-z][\w-]*$")
+
+
+def split_source(text: str) -> tuple[str | None, str]:
+    """'coco=path/x.json' -> ('coco', 'path/x.json'); a plain path (or an existing file whose
+    name holds '=') -> (None, text)."""
+    name, sep, path = text.partition("=")
+    if sep and _SOURCE_NAME.match(name) and path and not Path(text).exists():
+        return name, path
+    return None, text
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPaths:
     """Where a run's captions and features (or images) are: the flags, else the phase's
-    defaults. `images` is set exactly when the run reads pixels."""
+    defaults. `images` is set exactly when the run reads pixels. `names` holds each --data
+    source's name (None when unnamed), `named_val` the named sources' --val-data,
+    `ewc_data` the previous domain's sources (--ewc-data)."""
 
     data: list[str]
-    val_data: str | None
+    val_data: list[str]
     features: list[str]
     images: str | None = None
+    names: list[str | None] = dataclasses.field(default_factory=list)
+    named_val: dict[str, str] = dataclasses.field(default_factory=dict)
+    ewc_data: list[str] = dataclasses.field(default_factory=list)
 
 
-def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool) -> DataPaths:
+def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool,
+               mix: Mapping[str, float] | None = None) -> DataPaths:
     """The caption files and the feature caches (or, `from_pixels`, the image folder) `phase`
-    reads, each checked to exist."""
+    reads, each checked to exist; with `mix`, every mixed source must be a named --data
+    source."""
     data, val_data, features, images = DEFAULT_DATA.get(phase.dataset, ([], None, [], None))
-    paths = DataPaths(args.data or data, args.val_data or (None if args.data else val_data),
+    named = [split_source(text) for text in args.data or data]
+    val = [split_source(text) for text in args.val_data or []]
+    if args.data and args.val_data is None:
+        val_data = None
+    paths = DataPaths([p for _, p in named],
+                      [p for n, p in val if n is None] or ([val_data] if val_data else []),
                       [] if from_pixels else args.features or features,
-                      str(args.images or images) if from_pixels else None)
+                      str(args.images or images) if from_pixels else None,
+                      names=[n for n, _ in named],
+                      named_val={n: p for n, p in val if n is not None},
+                      ewc_data=list(args.ewc_data or []))
+    names = [n for n in paths.names if n is not None]
+    if len(set(names)) != len(names):
+        raise TrainError(f"--data: a source name is given twice ({', '.join(names)})")
+    unknown = set(paths.named_val) - set(names)
+    if unknown:
+        raise TrainError(f"--val-data: no --data source is named {', '.join(sorted(unknown))}")
+    if mix is not None:
+        missing = [n for n in mix if n not in names]
+        if missing:
+            raise TrainError(f"--mix: no --data source is named {', '.join(missing)}; name "
+                             "them as NAME=PATH (named: "
+                             f"{', '.join(names) or 'none'})")
+        unused = [n for n in names if n not in mix]
+        if unused or None in paths.names:
+            raise TrainError("--mix: every --data source needs a share; none for "
+                             + ", ".join(unused or ["the unnamed source(s)"]))
     # Captions given by --data need their images named too: the phase's default folder
     # belongs to its default captions.
     if from_pixels and (not paths.images or args.data and not args.images):
@@ -59,7 +103,9 @@ def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool) -> Dat
                          + ("is a file, not a folder of images" if Path(paths.images).exists()
                             else "does not exist"))
     for flag, path in [*(("--data", p) for p in paths.data),
-                       *([("--val-data", paths.val_data)] if paths.val_data else [])]:
+                       *(("--val-data", p) for p in paths.val_data),
+                       *(("--val-data", p) for p in paths.named_val.values()),
+                       *(("--ewc-data", p) for p in paths.ewc_data)]:
         if not Path(path).is_file():
             raise TrainError(f"{flag}: caption source {path} "
                              + ("is a folder; give a caption file" if Path(path).is_dir()
@@ -76,13 +122,18 @@ def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool) -> Dat
 @dataclasses.dataclass
 class Data:
     """Training and validation captions ({image key: [captions]}) and their inputs: a
-    FeatureCache, or an ImageCache for a phase that reads pixels (`from_pixels`)."""
+    FeatureCache, or an ImageCache for a phase that reads pixels (`from_pixels`). With --mix,
+    `parts` holds each named source's (train, val) and `train`/`val` are the target's (the
+    first source's); `ewc` the previous domain's captions for the Fisher (--ewc-data)."""
 
     train: dict[str, list[str]]
     val: dict[str, list[str]]
     cache: Any  # lensjax.data.cache.FeatureCache | lensjax.data.image_cache.ImageCache
     sources: list[str]
     from_pixels: bool = False
+    parts: dict[str, tuple[dict[str, list[str]], dict[str, list[str]]]] = dataclasses.field(
+        default_factory=dict)
+    ewc: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def missing(self) -> str:
@@ -109,30 +160,50 @@ def _feature_cache(folders: Sequence[str]):
     return FeatureCache([s for f in folders for s in sorted(Path(f).glob(SHARD_PREFIX + "*"))])
 
 
-def load_data(paths: DataPaths, settings: Settings) -> Data:
-    """Captions and features (or decoded images), split as LensToWords split them."""
-    from lensjax.data.captions import coco_subset, seed_split
+def _split(captions: dict[str, list[str]], val_paths: Sequence[str]
+           ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train, val): `val_paths`' captions, else LensToWords' 90/10 split (random.seed(42))."""
+    from lensjax.data.captions import seed_split
 
-    captions = _captions(paths.data)
-    if paths.val_data is not None:
-        train, val = captions, _captions([paths.val_data])
+    if val_paths:
+        return captions, _captions(val_paths)
+    train_keys, val_keys = seed_split(list(captions), seed=42, train_frac=0.9)
+    return {k: captions[k] for k in train_keys}, {k: captions[k] for k in val_keys}
+
+
+def load_data(paths: DataPaths, settings: Settings) -> Data:
+    """Captions and features (or decoded images), split as LensToWords split them; with
+    --mix, each named source on its own."""
+    from lensjax.data.captions import coco_subset
+
+    parts = {}
+    if settings.mix is not None:
+        for name, path in zip(paths.names, paths.data, strict=True):
+            named_val = paths.named_val.get(name)
+            parts[name] = _split(_captions([path]), [named_val] if named_val else [])
+        train, val = parts[next(iter(settings.mix))]
     else:
-        train_keys, val_keys = seed_split(list(captions), seed=42, train_frac=0.9)
-        train = {k: captions[k] for k in train_keys}
-        val = {k: captions[k] for k in val_keys}
+        train, val = _split(_captions(paths.data), paths.val_data)
     if settings.subset is not None and settings.subset < len(train):
         train = {k: train[k] for k in coco_subset(list(train), settings.subset,
                                                     seed=settings.seed)}
-    sources = [*paths.data, *([paths.val_data] if paths.val_data else [])]
+        if parts:
+            target = next(iter(settings.mix))
+            parts[target] = (train, parts[target][1])
+    ewc = _captions(paths.ewc_data) if paths.ewc_data else {}
+    sources = [*paths.data, *paths.val_data, *paths.named_val.values(), *paths.ewc_data]
     if paths.images is None:
-        return Data(train, val, _feature_cache(paths.features), sources)
+        return Data(train, val, _feature_cache(paths.features), sources, parts=parts, ewc=ewc)
     from lensjax.data.image_cache import ImageCache
 
-    cache = ImageCache(paths.images, [*train, *val], settings.image_size)
+    every = dict.fromkeys(k for part in (train, val, ewc, *(c for p in parts.values() for c in p))
+                          for k in part)
+    cache = ImageCache(paths.images, list(every), settings.image_size)
     for problem in cache.problems[:3]:
         say(f"skipped: {problem}")
     say(f"{len(cache)} images decoded and kept in memory: {cache.nbytes / 2**20:.0f} MB")
-    return Data(train, val, cache, [*sources, paths.images], from_pixels=True)
+    return Data(train, val, cache, [*sources, paths.images], from_pixels=True, parts=parts,
+                ewc=ewc)
 
 
 def usable(captions: Mapping[str, list[str]], data: Data, strict: bool, what: str, say

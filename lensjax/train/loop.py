@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -91,8 +92,9 @@ class PhaseRun:
                  strict: bool = False, progress_bar: bool = True):
         import jax
 
-        from lensjax.data.batching import CaptionBatches
+        from lensjax.data.batching import CaptionBatches, MixedBatches
         from lensjax.data.tokenizer import GPT2Tokenizer
+        from lensjax.lora import LoRASpec
         from lensjax.train.step import Trainer
 
         self.phase, self.settings, self.cfg = phase, settings, cfg
@@ -104,23 +106,38 @@ class PhaseRun:
         devices = jax.device_count()
         tokenizer = GPT2Tokenizer()
         process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-        train_pairs = usable(data.train, data, strict, "training set", say)
-        val_pairs = usable(data.val, data, strict, "validation set", say)
-        if len(train_pairs) < settings.batch_size:
-            raise TrainError(f"{len(train_pairs)} training pairs cannot fill one batch of "
+        tokens = {"tokenizer": tokenizer, "max_len": settings.max_len, **process}
+        if settings.mix:  # per-source pairs, mixed per batch; validation per source
+            train_parts = {name: usable(data.parts[name][0], data, strict,
+                                        f"training set {name}", say) for name in settings.mix}
+            val_parts = {name: usable(data.parts[name][1], data, strict,
+                                      f"validation set {name}", say) for name in settings.mix}
+        else:
+            train_parts = {"": usable(data.train, data, strict, "training set", say)}
+            val_parts = {"": usable(data.val, data, strict, "validation set", say)}
+        pairs = sum(map(len, train_parts.values()))
+        if pairs < settings.batch_size:
+            raise TrainError(f"{pairs} training pairs cannot fill one batch of "
                              f"{settings.batch_size}; lower --batch-size")
-        val_batch = min(settings.batch_size, len(val_pairs) // devices * devices)
-        if val_batch == 0:
-            raise TrainError(f"{len(val_pairs)} validation pairs are fewer than the "
-                             f"{devices} devices")
-        self.batches = CaptionBatches(train_pairs, data.cache, tokenizer,
-                                      batch_size=settings.batch_size, max_len=settings.max_len,
-                                      seed=settings.seed, **process)
-        self.val_batches = CaptionBatches(val_pairs, data.cache, tokenizer, batch_size=val_batch,
-                                          max_len=settings.max_len, seed=0, **process)
+        self.batches = (
+            MixedBatches(train_parts, settings.mix, data.cache, batch_size=settings.batch_size,
+                         seed=settings.seed, **tokens) if settings.mix else
+            CaptionBatches(train_parts[""], data.cache, batch_size=settings.batch_size,
+                           seed=settings.seed, **tokens))
+        self.val_batches = {}  # source name ("" unmixed) -> its validation batches
+        for name, pairs in val_parts.items():
+            val_batch = min(settings.batch_size, len(pairs) // devices * devices)
+            if val_batch == 0:
+                raise TrainError(f"{len(pairs)} validation pairs{f' of {name}' if name else ''}"
+                                 f" are fewer than the {devices} devices")
+            self.val_batches[name] = CaptionBatches(pairs, data.cache, batch_size=val_batch,
+                                                    seed=0, **tokens)
+        self.lora_spec = (None if settings.lora is None
+                          else LoRASpec.from_dict(settings.lora))
         self.trainer = Trainer(cfg, settings.learning_rates, loss=settings.loss,
                                remat=settings.remat, dtype=settings.dtype,
-                               from_pixels=settings.from_pixels)
+                               from_pixels=settings.from_pixels, lora_spec=self.lora_spec,
+                               ewc_lambda=settings.ewc or 0.0)
         self.resumed = params if isinstance(params, Resumed) else None
         self.params = {} if self.resumed else params
 
@@ -137,6 +154,8 @@ class PhaseRun:
                            "init": self.provenance, "data": self.data.sources,
                            "settings": self.settings.to_dict()},
         }
+        if self.lora_spec is not None:
+            meta["lora"] = self.lora_spec.to_dict()
         if progress is not None:
             meta["training"] = dataclasses.asdict(progress)
         return meta
@@ -161,7 +180,7 @@ class PhaseRun:
         resumed, self.resumed = self.resumed, None
         progress = resumed.progress
         state = self.trainer.restore(resumed.params, resumed.opt_leaves, resumed.key,
-                                     progress.step)
+                                     progress.step, self.folder.read_ewc(self.settings))
         self.saved_step = progress.step
         if self.main:
             self.folder.rewind_metrics(progress.step)
@@ -186,7 +205,7 @@ class PhaseRun:
         if resume:
             state, self.progress = self.restore()
         else:
-            state = self.trainer.init(self.params, settings.seed)
+            state = self.trainer.init(self.params, settings.seed, self.estimate_ewc())
             self.params = {}  # the state holds them now
         progress = self.progress
         per_epoch = len(self.batches)
@@ -272,19 +291,62 @@ class PhaseRun:
         return (f"nothing after step {self.saved_step} was saved: {self.folder.path / LATEST} "
                 "is the last good checkpoint")
 
-    def validate(self, state) -> float:
+    def estimate_ewc(self):
+        """EWC's anchor (the initial trained weights) and diagonal Fisher on --ewc-data, saved
+        into the run folder's ewc/ (None without --ewc)."""
+        from lensjax.data.batching import CaptionBatches
+        from lensjax.data.tokenizer import GPT2Tokenizer
         from lensjax.train.step import Batch
 
-        count = len(self.val_batches)
-        if self.settings.val_batches is not None:
-            count = min(count, self.settings.val_batches)
-        losses = []
-        for index in range(count):
-            b = self.val_batches.batch(0, index)
-            losses.append(self.trainer.eval_loss(state, Batch(b.features, b.inputs, b.targets,
-                                                              b.lengths)))
-            self.interrupts.check()
-        return float(np.mean(losses))
+        settings = self.settings
+        if settings.ewc is None:
+            return None
+        import jax
+
+        pairs = usable(self.data.ewc, self.data, False, "--ewc-data", say)
+        if len(pairs) < settings.batch_size:
+            raise TrainError(f"--ewc-data: {len(pairs)} pairs cannot fill one batch of "
+                             f"{settings.batch_size}")
+        batches = CaptionBatches(pairs, self.data.cache, GPT2Tokenizer(),
+                                 batch_size=settings.batch_size, max_len=settings.max_len,
+                                 seed=settings.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+        count = min(settings.ewc_batches, len(batches))
+        say(f"EWC: estimating the Fisher information on {count} batches of --ewc-data")
+        chosen = (Batch(b.features, b.inputs, b.targets, b.lengths)
+                  for b in itertools.islice(batches.epoch(0), count))
+        try:
+            ewc = self.trainer.estimate_ewc(self.params, chosen)
+        except ValueError as error:
+            raise TrainError(f"--ewc: {error}") from None
+        if self.main:
+            with self.interrupts.held():
+                self.folder.write_ewc(ewc, self._metadata(None), count)
+        return ewc
+
+    def validate(self, state) -> float:
+        """The validation loss (with --mix: each source's, logged, and their mix-weighted
+        mean)."""
+        from lensjax.train.step import Batch
+
+        losses = {}
+        for name, batches in self.val_batches.items():
+            count = len(batches)
+            if self.settings.val_batches is not None:
+                count = min(count, self.settings.val_batches)
+            values = []
+            for index in range(count):
+                b = batches.batch(0, index)
+                values.append(self.trainer.eval_loss(
+                    state, Batch(b.features, b.inputs, b.targets, b.lengths)))
+                self.interrupts.check()
+            losses[name] = float(np.mean(values))
+        if not self.settings.mix:
+            return losses[""]
+        if self.main:
+            self.folder.log({"step": self.progress.step, "val_loss_by_source": losses})
+        say("validation loss by source: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
+        return float(sum(self.settings.mix[n] * v for n, v in losses.items()))
 
     # -- end of phase
 

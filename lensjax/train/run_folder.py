@@ -17,8 +17,8 @@ from lensjax.checkpoint import CheckpointError
 from lensjax.train.messages import TrainError
 from lensjax.train.settings import Settings
 
-LATEST, BEST, RUN_FILE, METRICS_FILE, TRAIN_STATE = (
-    "latest", "best", "run.json", "metrics.jsonl", "train_state")
+LATEST, BEST, RUN_FILE, METRICS_FILE, TRAIN_STATE, EWC_DIR, FISHER = (
+    "latest", "best", "run.json", "metrics.jsonl", "train_state", "ewc", "fisher")
 # Settings a resumed run may change (extending a run); everything else must match.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "patience", "eval_images", "eval_method",
                                "plot"})
@@ -54,7 +54,7 @@ def read_latest(latest: Path) -> Resumed:
     from lensjax.checkpoint import load_checkpoint, load_extra
 
     try:
-        params, metadata = load_checkpoint(latest)
+        params, metadata = load_checkpoint(latest, merge_lora=False)
         saved = load_extra(latest, TRAIN_STATE)
         progress = Progress(**metadata["training"])
         leaves = [saved[f"opt_{i}"] for i in range(len(saved) - 1)]
@@ -125,6 +125,30 @@ class RunFolder:
                 raise TrainError(f"{path}:{number}: not a JSON record ({error.msg}); remove the "
                                  "line to resume, or pass --force to start over") from None
         return records
+
+    def write_ewc(self, ewc, metadata: Mapping[str, Any], batches: int) -> None:
+        """Save EWC's anchor and Fisher (`lensjax.train.step.EWC`) as ewc/: a checkpoint of
+        the anchored weights with the Fisher in its `fisher` tree."""
+        from lensjax.checkpoint import save_checkpoint
+
+        meta = {k: v for k, v in metadata.items() if k not in ("lora", "training")}
+        meta["ewc"] = {"batches": batches, "weights": len(ewc.anchor)}
+        save_checkpoint(self.path / EWC_DIR, ewc.anchor, meta, overwrite=True,
+                        extra={FISHER: ewc.fisher})
+
+    def read_ewc(self, settings: Settings):
+        """ewc/'s anchor and Fisher for a resumed --ewc run (None without --ewc)."""
+        from lensjax.checkpoint import load_checkpoint, load_extra
+        from lensjax.train.step import EWC
+
+        if settings.ewc is None:
+            return None
+        try:
+            anchor, _ = load_checkpoint(self.path / EWC_DIR)
+            return EWC(anchor, load_extra(self.path / EWC_DIR, FISHER))
+        except CheckpointError as error:
+            raise TrainError(f"cannot resume the EWC run: {error}; pass --force to start "
+                             "over") from None
 
     def rewind_metrics(self, step: int) -> None:
         """Drop log lines after `step`: a resumed run logs them again."""

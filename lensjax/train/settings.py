@@ -21,8 +21,11 @@ INT_FLAGS: Mapping[str, tuple[int, int | None]] = MappingProxyType({
     "batch_size": (1, None), "max_len": (3, None), "subset": (1, None), "seed": (0, SEED_MAX),
     "log_every": (1, None), "save_every": (1, None), "val_batches": (1, None),
     "eval_images": (0, None), "num_processes": (1, None), "process_id": (0, None),
-    "image_size": (32, 4096),
+    "image_size": (32, 4096), "ewc_batches": (1, None),
 })
+# With --lora and no `--lr lora=`, the adapters train at this multiple of the phase's largest
+# learning rate (PEFT practice: LoRA takes about 10x a full fine-tune's rate).
+LORA_RATE_FACTOR = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,10 @@ class Settings:
     eval_images: int
     eval_method: str
     plot: bool
+    lora: dict[str, Any] | None = None  # LoRASpec.to_dict(); targets [] until `fit_model`
+    mix: dict[str, float] | None = None  # source name -> share of each batch; first: target
+    ewc: float | None = None  # EWC's lambda
+    ewc_batches: int | None = None  # batches of --ewc-data the Fisher is estimated on
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,19 +87,26 @@ def parse_assignments(text: str, what: str) -> dict[str, str]:
     return out
 
 
-def learning_rates(phase: Phase, notebook: bool, overrides: Sequence[str]) -> dict[str, float]:
+def learning_rates(phase: Phase, notebook: bool, overrides: Sequence[str], lora: bool = False
+                   ) -> dict[str, float]:
     """The phase's learning rates (README's, or the notebook's with `notebook`), then the
     `--lr` overrides: `gpt2=` sets both GPT-2 labels (blocks and embeddings) unless `lm=` is
-    also given; a rate of 0 freezes the component."""
+    also given; a rate of 0 freezes the component. With `lora`, only the adapters train
+    (`lora`, default LORA_RATE_FACTOR times the phase's largest rate) and the components
+    `--lr` names."""
     from lensjax.optim import LABELS
 
     rates = dict(phase.notebook_learning_rates if notebook and phase.notebook_learning_rates
                  else phase.learning_rates)
+    if lora:
+        rates = {"lora": LORA_RATE_FACTOR * max(rates.values())}
     given: dict[str, str] = {}
     for text in overrides:
         given.update(parse_assignments(text, "--lr"))
     if "gpt2" in given and "lm" not in given:
         given["lm"] = given["gpt2"]
+    if "lora" in given and not lora:
+        raise TrainError("--lr lora=: there are no LoRA adapters without --lora")
     for label, value in given.items():
         if label not in LABELS:
             raise TrainError(f"--lr: unknown component {label!r}; components: "
@@ -118,7 +132,7 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
     def pick(value, default):
         return default if value is None else value
 
-    rates = learning_rates(phase, args.notebook_lr, args.lr or [])
+    rates = learning_rates(phase, args.notebook_lr, args.lr or [], args.lora is not None)
     settings = Settings(
         phase=phase.name,
         mode=phase.mode,
@@ -141,11 +155,54 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
         eval_images=args.eval_images,
         eval_method=args.eval_method,
         plot=args.plot,
+        lora=None if args.lora is None else _lora_spec(args.lora).to_dict(),
+        mix=None if args.mix is None else mix_weights(args.mix),
+        ewc=_ewc_lambda(args),
+        ewc_batches=args.ewc_batches if args.ewc is not None else None,
     )
     if settings.batch_size % devices:
         raise TrainError(f"--batch-size {settings.batch_size} must be divisible by the "
                          f"{devices} devices the batch is split over")
     return settings
+
+
+def _lora_spec(text: str):
+    from lensjax.lora import parse_spec
+
+    try:
+        return parse_spec(text, ())
+    except ValueError as error:
+        raise TrainError(f"--lora: {error}") from None
+
+
+def mix_weights(text: str) -> dict[str, float]:
+    """'--mix target=0.5,old=0.5' -> {name: share}, shares normalised to sum 1."""
+    weights: dict[str, float] = {}
+    for name, value in parse_assignments(text, "--mix").items():
+        try:
+            weight = float(value)
+        except ValueError:
+            raise TrainError(f"--mix: {name}={value!r} is not a number") from None
+        if not math.isfinite(weight) or weight <= 0:
+            raise TrainError(f"--mix: {name}={value} must be a finite number > 0")
+        weights[name] = weight
+    if not weights:
+        raise TrainError("--mix names no source")
+    total = sum(weights.values())
+    return {name: weight / total for name, weight in weights.items()}
+
+
+def _ewc_lambda(args: argparse.Namespace) -> float | None:
+    if args.ewc is None:
+        if args.ewc_data:
+            raise TrainError("--ewc-data without --ewc LAMBDA")
+        return None
+    if not math.isfinite(args.ewc) or args.ewc <= 0:
+        raise TrainError(f"--ewc must be a finite number > 0, got {args.ewc}")
+    if not args.ewc_data:
+        raise TrainError("--ewc needs --ewc-data: the caption source(s) of the previous domain "
+                         "the Fisher information is estimated on")
+    return float(args.ewc)
 
 
 def fit_model(settings: Settings, cfg) -> Settings:
@@ -160,11 +217,24 @@ def fit_model(settings: Settings, cfg) -> Settings:
     if settings.from_pixels and (cfg.encoder is None or cfg.head is None):
         raise TrainError("this phase reads images, but its model has no image encoder: give "
                          "one with --init encoder=CHECKPOINT (or encoder=fresh)")
+    from lensjax import lora
+    from lensjax.models.families import family_of
     from lensjax.optim import labels_for
     from lensjax.params import abstract_params
 
+    params = abstract_params(cfg)
+    if settings.lora is not None:
+        spec = lora.LoRASpec.from_dict(settings.lora)
+        if not spec.targets:
+            spec = dataclasses.replace(spec, targets=family_of(cfg).lora_targets)
+        try:
+            layers = lora.target_layers(params, spec)
+        except ValueError as error:
+            raise TrainError(f"--lora: {error}") from None
+        settings = dataclasses.replace(settings, lora=spec.to_dict())
+        params = {**params, **{p: None for layer in layers for p in lora.adapter_paths(layer)}}
     try:
-        labels_for(abstract_params(cfg), settings.learning_rates)
+        labels_for(params, settings.learning_rates)
     except ValueError as error:
         raise TrainError(f"--lr: {error}") from None
     longest = cfg.max_new_tokens + 1  # BOS + the caption's tokens

@@ -1,15 +1,18 @@
-"""The training step: loss, per-component optimisation, data parallelism.
+"""The training step: loss, per-component optimisation, data parallelism, LoRA and EWC.
 
 Parameters live as one flat {path: array} dict, split by the phase into a trainable and a
 frozen part; gradients are taken with respect to the trainable part only, so frozen
-components cost no weight-gradient work. The step is one jitted function over a
+components cost no weight-gradient work. LoRA adapters (`lensjax.lora`) are parameters of
+their own label `lora` beside the frozen base weights. EWC adds
+`(lambda / 2) * sum F (w - w*)^2` over the trained weights, with the diagonal Fisher F and the
+anchor w* estimated before the phase (`Trainer.fisher`). The step is one jitted function over a
 `jax.sharding.Mesh` of every device: the batch is sharded on the "data" axis, parameters and
 optimizer state are replicated, and XLA inserts the gradient all-reduce.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -19,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lensjax import lora
 from lensjax.data.tokenizer import EOS_ID
 from lensjax.optim import build_optimizer, labels_for, split_trainable
 from lensjax.params import module_from_flat
@@ -43,14 +47,31 @@ def caption_loss(logits: jax.Array, targets: jax.Array, lengths: jax.Array,
     return jnp.sum(losses * counted) / jnp.maximum(jnp.sum(counted), 1)
 
 
+def ewc_penalty(params: Mapping[str, jax.Array], anchor: Mapping[str, jax.Array],
+                fisher: Mapping[str, jax.Array]) -> jax.Array:
+    """EWC's quadratic penalty without lambda: 0.5 * sum over the paths of `fisher` of
+    F * (w - w*)^2 (a scalar; its gradient is F * (w - w*))."""
+    terms = [jnp.sum(fisher[p] * jnp.square(params[p] - anchor[p])) for p in fisher]
+    return 0.5 * sum(terms, jnp.float32(0))
+
+
+class EWC(NamedTuple):
+    """EWC's anchor w* and diagonal Fisher F, {path: array} over the same trained paths."""
+
+    anchor: dict[str, Any]
+    fisher: dict[str, Any]
+
+
 class TrainState(NamedTuple):
-    """Everything a step changes (and a resume restores)."""
+    """Everything a step changes (and a resume restores), and EWC's constants (empty dicts
+    without EWC)."""
 
     step: jax.Array
     trainable: dict[str, jax.Array]
     frozen: dict[str, jax.Array]
     opt_state: Any
     key: jax.Array  # raw uint32 key data (jax.random.key_data), so hosts can share it
+    ewc: EWC = EWC({}, {})
 
 
 class Batch(NamedTuple):
@@ -106,11 +127,15 @@ class Trainer:
         remat: bool = False,
         dtype: jnp.dtype = jnp.float32,
         from_pixels: bool = False,
+        lora_spec: lora.LoRASpec | None = None,
+        ewc_lambda: float = 0.0,
     ):
         """`remat`: gradient checkpointing of the GPT-2 blocks (and of the encoder stages).
         `dtype` bfloat16: compute in bfloat16 (mixed precision); parameters and optimizer
         state stay float32. `from_pixels`: batches carry images, which the model's encoder
-        and head turn into features inside the step (so the encoder can train)."""
+        and head turn into features inside the step (so the encoder can train).
+        `lora_spec`: adapters on its targets (trained at `learning_rates["lora"]`).
+        `ewc_lambda` > 0: the EWC penalty with the `EWC` given to `init`."""
         if from_pixels and (cfg.encoder is None or cfg.head is None):
             raise ValueError("training from pixels needs a model with an image encoder and "
                              "its head")
@@ -121,6 +146,8 @@ class Trainer:
         self.remat = remat
         self.dtype = jnp.dtype(dtype)
         self._loss = loss
+        self.lora_spec = lora_spec
+        self.ewc_lambda = float(ewc_lambda)
         self._labels: dict[str, str] | None = None
         self.optimizer: optax.GradientTransformation | None = None
         self._step: Callable | None = None
@@ -134,17 +161,30 @@ class Trainer:
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec("data"))
 
-    def init(self, params: Mapping[str, Any], seed: int = 0) -> TrainState:
-        """Initial state from {path: array} params (every path of the configuration)."""
+    def init(self, params: Mapping[str, Any], seed: int = 0, ewc: EWC | None = None
+             ) -> TrainState:
+        """Initial state from {path: array} params (every path of the configuration; with a
+        LoRA spec, fresh adapters are added unless `params` holds them). `ewc`: the anchor
+        and Fisher when `ewc_lambda` > 0."""
+        params = self._with_adapters(params, seed)
+        if (self.ewc_lambda > 0) != (ewc is not None):
+            raise ValueError("EWC needs both ewc_lambda > 0 and its anchor and Fisher")
         self._labels = labels_for(params, self.learning_rates)
         self.optimizer = build_optimizer(self._labels, self.learning_rates)
         trainable, frozen = split_trainable(
             {p: np.asarray(v, np.float32) for p, v in params.items()}, self._labels)
         opt_state = self.optimizer.init({**trainable, **frozen})
         state = TrainState(np.int32(0), trainable, frozen, opt_state,
-                           jax.random.key_data(jax.random.key(seed)))
+                           jax.random.key_data(jax.random.key(seed)), ewc or EWC({}, {}))
         self._step, self._eval = self._build_step(), self._build_eval()
         return self._replicate(state)
+
+    def _with_adapters(self, params: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+        """`params`, plus fresh LoRA adapters when the spec asks for them and none are there."""
+        params = dict(params)
+        if self.lora_spec is not None and not lora.split_adapters(params)[1]:
+            params.update(lora.init_adapters(params, self.lora_spec, seed))
+        return params
 
     def _replicate(self, tree):
         """Values identical in every process -> arrays replicated over the mesh. Across
@@ -160,9 +200,10 @@ class Trainer:
         return jax.tree.map(put, tree)
 
     def restore(self, params: Mapping[str, Any], opt_leaves: list[np.ndarray],
-                key_data: np.ndarray, step: int) -> TrainState:
-        """The state `host_state` saved: params, optimizer state leaves, RNG key, step."""
-        state = self.init(params)
+                key_data: np.ndarray, step: int, ewc: EWC | None = None) -> TrainState:
+        """The state `host_state` saved: params, optimizer state leaves, RNG key, step (and
+        the run's EWC constants)."""
+        state = self.init(params, ewc=ewc)
         treedef = jax.tree.structure(state.opt_state)
         if treedef.num_leaves != len(opt_leaves):
             raise ValueError(f"the saved optimizer state has {len(opt_leaves)} arrays, this "
@@ -182,7 +223,10 @@ class Trainer:
         features = batch.features
         if self.dtype != jnp.float32:  # mixed precision: float32 masters, low-precision math
             params = {p: v.astype(self.dtype) for p, v in params.items()}
+        params, adapters = lora.split_adapters(params)
         model = module_from_flat(self.cfg, params)
+        if adapters:
+            lora.attach(model, adapters, self.lora_spec.scale)
         remat = self.remat and key is not None
         features = features.astype(self.dtype)
         if self.from_pixels:
@@ -199,11 +243,18 @@ class Trainer:
                        out_shardings=self.replicated)
 
     def _build_step(self) -> Callable:
-        optimizer, loss_fn = self.optimizer, self._loss_fn
+        optimizer, loss_fn, ewc_lambda = self.optimizer, self._loss_fn, self.ewc_lambda
+
+        def objective(trainable, frozen, batch, key, ewc: EWC):
+            loss = loss_fn(trainable, frozen, batch, key)
+            if not ewc.fisher:
+                return loss, loss
+            return loss + ewc_lambda * ewc_penalty(trainable, ewc.anchor, ewc.fisher), loss
 
         def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-            loss, grads = jax.value_and_grad(loss_fn)(state.trainable, state.frozen, batch, key)
+            (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.trainable, state.frozen, batch, key, state.ewc)
             # Frozen components get set_to_zero updates, which nothing reads: XLA drops them.
             full_grads = {**grads, **jax.tree.map(jnp.zeros_like, state.frozen)}
             updates, opt_state = optimizer.update(full_grads, state.opt_state,
@@ -217,6 +268,42 @@ class Trainer:
         return jax.jit(step, donate_argnums=0,
                        in_shardings=(self.replicated, self.batch_sharding),
                        out_shardings=(self.replicated, self.replicated))
+
+    def estimate_ewc(self, params: Mapping[str, Any], batches: Iterable[Batch]) -> EWC:
+        """EWC's anchor and diagonal empirical Fisher at `params` (before `init`): for every
+        weight this trainer trains (LoRA adapters aside), the weight itself and the mean over
+        the examples of `batches` of its squared loss gradient (one example at a time, no
+        dropout). ValueError when only adapters train."""
+        params = self._with_adapters(params)
+        labels = labels_for(params, self.learning_rates)
+        paths = [p for p, label in labels.items() if label not in ("frozen", "lora")]
+        if not paths:
+            raise ValueError("EWC anchors trained weights, and this phase trains none (only "
+                             "LoRA adapters)")
+        anchored = {p: np.asarray(params[p], np.float32) for p in paths}
+        rest = {p: np.asarray(v, np.float32) for p, v in params.items() if p not in anchored}
+        loss_fn = self._loss_fn
+
+        def squared_grads(anchored, rest, batch: Batch) -> dict[str, jax.Array]:
+            def one(total, row):
+                single = Batch(*(x[None] for x in row))
+                grads = jax.grad(lambda w: loss_fn(w, rest, single, None))(anchored)
+                return jax.tree.map(lambda t, g: t + jnp.square(g), total, grads), None
+
+            return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, anchored), tuple(batch))[0]
+
+        squared = jax.jit(squared_grads, in_shardings=(self.replicated, self.replicated,
+                                                       self.batch_sharding))
+        anchored_on, rest_on = self._replicate(anchored), self._replicate(rest)
+        total, examples = None, 0
+        for batch in batches:
+            sums = squared(anchored_on, rest_on, self.shard_batch(batch))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            examples += len(batch.lengths)
+        if total is None:
+            raise ValueError("the Fisher needs at least one batch")
+        return EWC(anchored, {p: np.asarray(v, np.float32) / examples
+                              for p, v in total.items()})
 
     def shard_batch(self, batch: Batch) -> Batch:
         """This process's rows of the global batch (all rows with one process) -> global

@@ -21,3 +21,5 @@ INIT_GROUPS: dict[str, tuple[str, ...]] = {
 # The original's v3a sampler: top-k 50 at temperature 1, its stop rules (EOS or 0, '.', three
 # equal tokens).
 DECODING = {"top_k": 50, "temperature": 1.0, "retry": False}
+# The dense layers `--lora` adapts unless told others (path components, `lensjax.lora`).
+LORA_TARGETS = ("self_attn", "multihead_attn")

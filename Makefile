@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lensjax-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install clean
+.PHONY: demo forgetting test lint install clean
 
 install: $(STAMP)
 
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) experiments/demo.py
 
+# Fine-tuning without forgetting: plain, mixed, LoRA, EWC, LoRA + mixed (BENCHMARKS.md).
+forgetting: $(STAMP)
+	$(PY) experiments/forgetting.py
+
 test: $(STAMP)
 	$(PY) -m ruff check lensjax bridge experiments tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out forgetting_out

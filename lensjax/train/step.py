@@ -5,7 +5,7 @@ frozen part; gradients are taken with respect to the trainable part only, so fro
 components cost no weight-gradient work. LoRA adapters (`lensjax.lora`) are parameters of
 their own label `lora` beside the frozen base weights. EWC adds
 `(lambda / 2) * sum F (w - w*)^2` over the trained weights, with the diagonal Fisher F and the
-anchor w* estimated before the phase (`Trainer.fisher`). The step is one jitted function over a
+anchor w* estimated before the phase (`Trainer.estimate_ewc`). The step is one jitted function over a
 `jax.sharding.Mesh` of every device: the batch is sharded on the "data" axis, parameters and
 optimizer state are replicated, and XLA inserts the gradient all-reduce.
 """
@@ -299,7 +299,7 @@ class Trainer:
         for batch in batches:
             sums = squared(anchored_on, rest_on, self.shard_batch(batch))
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-            examples += len(batch.lengths)
+            examples += len(batch.lengths) * jax.process_count()  # this process's rows
         if total is None:
             raise ValueError("the Fisher needs at least one batch")
         return EWC(anchored, {p: np.asarray(v, np.float32) / examples

@@ -293,9 +293,14 @@ class CaptionModel:
         return features
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a checkpoint directory that `load_pretrained` reads back (always float32)."""
+        """Write a checkpoint directory that `load_pretrained` reads back (always float32). A
+        model loaded from a LoRA-trained checkpoint is saved merged (its spec kept as
+        "lora_merged")."""
+        kept = {k: v for k, v in self.metadata.items() if k != "lora"}
+        if "lora" in self.metadata:
+            kept["lora_merged"] = self.metadata["lora"]
         metadata = {
-            **self.metadata,
+            **kept,
             "family": self.family.name,
             "config": self.config.to_dict(),
             "tokenizer": self.metadata.get("tokenizer", GPT2_TOKENIZER),

@@ -48,6 +48,16 @@ def test_targets_are_path_components_outside_the_encoder_and_must_match():
         lora.target_layers(params, lora.LoRASpec(targets=("c_atn",)))
 
 
+def test_v3a_default_targets_are_its_decoder_attention():
+    from lensjax.models.families import FAMILIES, preset_config
+    from lensjax.params import abstract_params
+
+    spec = lora.LoRASpec(targets=FAMILIES["v3a"].lora_targets)
+    layers = lora.target_layers(abstract_params(preset_config("v3a-tiny")), spec)
+    assert layers and all(p.startswith("decoder.layers.") and
+                          (".self_attn." in p or ".multihead_attn." in p) for p in layers)
+
+
 def test_fresh_adapters_change_nothing():
     params = _params()
     adapters = lora.init_adapters(params, SPEC)
@@ -103,5 +113,12 @@ def test_checkpoint_stores_adapters_apart_and_loads_merged(tmp_path):
     want = lora.merge(base, adapters, SPEC)
     assert all(np.array_equal(merged[p], want[p]) for p in want)
     build_captioner(CFG, merged)  # a complete model
+    from lensjax import load_pretrained
+
+    model = load_pretrained(tmp_path / "ckpt")  # merged; saved again as a plain checkpoint
+    model.save(tmp_path / "again")
+    again, meta = load_checkpoint(tmp_path / "again")
+    assert meta["lora_merged"] == SPEC.to_dict() and "lora" not in meta
+    assert all(np.array_equal(again[p], want[p]) for p in want)
     with pytest.raises(ValueError, match="go together"):
         save_checkpoint(tmp_path / "bad", everything, {"config": CFG.to_dict()})

@@ -128,8 +128,11 @@ def test_ewc_with_mixed_batches_resumes_to_the_uninterrupted_losses(domains, tmp
     (["--lora", "targets=c_atn"], "c_atn"),
     (["--lora", "rank=0"], "rank"),
     (["--mix", "a=-1"], "--mix"),
+    (["--val-data", "a={a}"], "needs --mix"),
+    (["--ewc-data", "{a}"], "without --ewc"),
 ])
 def test_refusals_name_the_problem(domains, tmp_path, capsys, extra, names):
+    extra = [e.format(a=domains["a"]) for e in extra]
     assert main(_args(domains, tmp_path / "run", "--data", str(domains["a"]), *extra)) == 2
     err = capsys.readouterr().err
     assert names in err and "Traceback" not in err

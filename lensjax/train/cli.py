@@ -155,8 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--lr", action="append", metavar="COMPONENT=RATE,...",
                        help="learning rates: encoder, encoder_head (these read --images); "
                        "v3b: perceiver, gpt2 (blocks and embeddings; `lm` alone for "
-                       "wte/wpe/ln_f), xattn; v3a: projection_head, decoder; 0 freezes a "
-                       "component")
+                       "wte/wpe/ln_f), xattn; v3a: projection_head, decoder; lora (the "
+                       "adapters of --lora); 0 freezes a component")
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
     hyper.add_argument("--epochs", type=int, help="at most N >= 1 epochs (default: per phase)")

@@ -76,10 +76,15 @@ def data_paths(args: argparse.Namespace, phase: Phase, from_pixels: bool,
     names = [n for n in paths.names if n is not None]
     if len(set(names)) != len(names):
         raise TrainError(f"--data: a source name is given twice ({', '.join(names)})")
+    if paths.named_val and mix is None:
+        raise TrainError("--val-data NAME=SOURCE names a mixed source: it needs --mix")
     unknown = set(paths.named_val) - set(names)
     if unknown:
         raise TrainError(f"--val-data: no --data source is named {', '.join(sorted(unknown))}")
     if mix is not None:
+        if paths.val_data and args.val_data:
+            raise TrainError("--mix: give each source's validation set as --val-data "
+                             "NAME=SOURCE (the others are split 90/10)")
         missing = [n for n in mix if n not in names]
         if missing:
             raise TrainError(f"--mix: no --data source is named {', '.join(missing)}; name "

@@ -3,9 +3,9 @@
 Parameters live as one flat {path: array} dict, split by the phase into a trainable and a
 frozen part; gradients are taken with respect to the trainable part only, so frozen
 components cost no weight-gradient work. LoRA adapters (`lensjax.lora`) are parameters of
-their own label `lora` beside the frozen base weights. EWC adds
-`(lambda / 2) * sum F (w - w*)^2` over the trained weights, with the diagonal Fisher F and the
-anchor w* estimated before the phase (`Trainer.estimate_ewc`). The step is one jitted function over a
+their own label `lora` beside the frozen base weights. EWC adds `(lambda / 2) * sum F (w -
+w*)^2` over the trained weights, with the diagonal Fisher F and the anchor w* estimated
+before the phase (`Trainer.estimate_ewc`). The step is one jitted function over a
 `jax.sharding.Mesh` of every device: the batch is sharded on the "data" axis, parameters and
 optimizer state are replicated, and XLA inserts the gradient all-reduce.
 """

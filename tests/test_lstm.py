@@ -66,3 +66,82 @@ def test_next_word_distributions_equal_the_notebooks_keras_model(fusion):
             position = min(t, n - 1)  # past a row's end its state stays (masked)
             np.testing.assert_allclose(ours[row, position], expected[row],
                                        atol=1e-4 * (1 + np.abs(expected[row]).max()), rtol=0)
+
+
+def _keras_v2():
+    """The notebook's final v2 model (attention version 4) at a small vocabulary, its
+    TemporalImageAttention written as the notebook's."""
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+    from keras import layers
+
+    class TemporalImageAttention(layers.Layer):
+        def __init__(self, attn_units=256, **kwargs):
+            super().__init__(**kwargs)
+            self.W_img = layers.Dense(attn_units)
+            self.W_txt = layers.Dense(attn_units)
+            self.V = layers.Dense(1)
+
+        def call(self, inputs, mask=None):
+            image_features, lstm_features = inputs
+            img_exp = tf.expand_dims(self.W_img(image_features), 1)
+            txt_exp = tf.expand_dims(self.W_txt(lstm_features), 2)
+            score = tf.squeeze(self.V(tf.nn.tanh(img_exp + txt_exp)), axis=-1)
+            txt_mask = tf.ones_like(score[:, :, 0], dtype=tf.float32)
+            if mask is not None:
+                txt_mask = tf.cast(mask[1], tf.float32)
+            score = score - (1.0 - tf.expand_dims(txt_mask, -1)) * 1e9
+            weights = tf.expand_dims(tf.nn.softmax(score, axis=2), -1)
+            return tf.reduce_sum(weights * tf.expand_dims(image_features, 1), axis=2)
+
+        def compute_mask(self, inputs, mask=None):
+            return mask[1] if mask is not None else None
+
+    image_input = layers.Input((64, 2048))
+    patches = layers.Dense(256, name="image_dense")(image_input)
+    mean = layers.GlobalAveragePooling1D()(patches)
+    h0 = layers.Dense(256, activation="tanh", name="init_h")(mean)
+    c0 = layers.Dense(256, activation="tanh", name="init_c")(mean)
+    caption_input = layers.Input((MAX_LEN,))
+    words = layers.Embedding(VOCAB, 256, mask_zero=True, name="embedding")(caption_input)
+    h = layers.LSTM(256, return_sequences=True, name="lstm")(words, initial_state=[h0, c0])
+    context = TemporalImageAttention(name="attention")([patches, h])
+    fused = layers.Add()([context, h])
+    gated = fused * layers.Dense(256, activation="sigmoid", name="gate")(fused)
+    x = layers.Dropout(0.5)(layers.Dense(256, activation="relu", name="dense")(gated))
+    output = layers.Dense(VOCAB, activation="softmax", name="output")(x)
+    return keras.Model([image_input, caption_input], output)
+
+
+def test_v2_next_word_distributions_equal_the_notebooks_keras_model():
+    from lensjax.models.lstm import V2Config, V2Decoder
+
+    reference = _keras_v2()
+    rng = np.random.default_rng(1)
+    model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(0))
+    attention = reference.get_layer("attention")
+    pairs = [(getattr(model, n), reference.get_layer(n))
+             for n in ("image_dense", "init_h", "init_c", "gate", "dense", "output")]
+    pairs += [(getattr(model.attention, n), getattr(attention, n)) for n in ("W_img", "W_txt", "V")]
+    for ours, theirs in pairs:
+        kernel, bias = (rng.normal(0, 0.05, w.shape).astype(np.float32)
+                        for w in theirs.get_weights())
+        theirs.set_weights([kernel, bias])
+        ours.kernel[...], ours.bias[...] = kernel, bias
+    embedding = rng.normal(0, 0.5, (VOCAB, 256)).astype(np.float32)
+    reference.get_layer("embedding").set_weights([embedding])
+    model.embedding[...] = embedding
+    lstm = [rng.normal(0, 0.1, w.shape).astype(np.float32)
+            for w in reference.get_layer("lstm").get_weights()]
+    reference.get_layer("lstm").set_weights(lstm)
+    model.lstm.kernel[...], model.lstm.recurrent_kernel[...], model.lstm.bias[...] = lstm
+
+    features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
+    ids = np.zeros((3, MAX_LEN), np.int32)
+    for row, n in enumerate([MAX_LEN, 5, 2]):
+        ids[row, :n] = rng.integers(2, VOCAB, n)
+    expected = np.log(reference.predict([features, ids], verbose=0))  # (B, T, V), padded too
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(jax.nn.log_softmax(model(features, ids), axis=-1))
+    assert np.abs(ours[0, 0] - ours[0, -1]).max() > 0.05  # the prefix matters
+    np.testing.assert_allclose(ours, expected, atol=1e-4 * (1 + np.abs(expected).max()), rtol=0)

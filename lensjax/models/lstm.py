@@ -1,4 +1,7 @@
-"""LensToWords v1's decoder in Flax: an InceptionV3 vector and a word prefix -> the next word.
+"""LensToWords' LSTM decoders in Flax (v1 and v2): InceptionV3 features and a word prefix ->
+the next word at every position.
+
+v1 (`V1Decoder`), from the pooled 2048-d vector:
 
 The notebook's two Keras variants (`lensjax.models.lstm.V1Config.fusion`):
 
@@ -15,6 +18,14 @@ and keeps the state after the last word; here it runs once over the sequence and
 applied at every position, so position t holds the next-word logits after `ids[:, :t+1]`
 (padding, id 0, leaves the state unchanged as Keras' mask does). Parameter names follow the
 Keras layers: `image_dense1`, `image_dense2`, `embedding`, `lstm`, `merge_dense`, `output`.
+
+v2 (`V2Decoder`), from mixed10's 64 patches (B, 64, 2048): patches Dense(256) (no
+activation); their mean -> Dense(256, tanh) for h0 and for c0; Embedding(V, 256, mask_zero)
+-> LSTM(256, return_sequences) from (h0, c0) (unmasked: Keras passes no mask to an LSTM
+called with `initial_state`); `TemporalImageAttention` (additive: softmax over
+the 64 patches of V(tanh(W_img patches + W_txt h)), a padded position's scores lowered by
+1e9 as the notebook does, the context a weighted sum of the projected patches); Add(context,
+h); times a sigmoid Dense(256) gate of that sum; Dense(256, relu); Dropout(0.5); Dense(V).
 """
 
 from __future__ import annotations
@@ -77,10 +88,13 @@ class KerasLSTM(nnx.Module):
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x (B, T, in), mask (B, T) bool -> h after each position (B, T, H); a masked
-        position keeps the previous state (Keras' masking)."""
+    def __call__(self, x: jax.Array, mask: jax.Array,
+                 initial: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """x (B, T, in), mask (B, T) bool -> h after each position (B, T, H), from `initial`
+        (h0, c0) or zeros; a masked position keeps the previous state and output (Keras'
+        masking)."""
         zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        initial = (zeros, zeros) if initial is None else initial
 
         def scan(state, inputs):
             xt, mt = inputs
@@ -89,7 +103,7 @@ class KerasLSTM(nnx.Module):
             state = (jnp.where(keep, h, state[0]), jnp.where(keep, c, state[1]))
             return state, state[0]
 
-        _, hs = lax.scan(scan, (zeros, zeros), (jnp.swapaxes(x, 0, 1), mask.T))
+        _, hs = lax.scan(scan, initial, (jnp.swapaxes(x, 0, 1), mask.T))
         return jnp.swapaxes(hs, 0, 1)
 
 
@@ -131,3 +145,76 @@ class V1Decoder(nnx.Module):
         words = jnp.take(self.embedding[...], ids, axis=0)
         hs = self.lstm(words, ids != 0)
         return self.head(self.image(features, rngs), hs, rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class V2Config:
+    """v2's sizes (the notebook's final model, attention version 4)."""
+
+    vocab_size: int = 8_000
+    feature_dim: int = 2048
+    patches: int = 64
+    dim: int = 256  # patch projection, embedding, LSTM, attention units, gate, dense
+    dropout: float = 0.5
+
+
+class TemporalImageAttention(nnx.Module):
+    """The notebook's additive attention: for each position t, softmax over the patches of
+    V(tanh(W_img p + W_txt h_t)); context_t = sum of the weights times the patches."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.W_img = Linear(dim, dim, rngs=rngs)
+        self.W_txt = Linear(dim, dim, rngs=rngs)
+        self.V = Linear(dim, 1, rngs=rngs)
+
+    def __call__(self, patches: jax.Array, h: jax.Array, mask: jax.Array) -> jax.Array:
+        """patches (B, P, D), h (B, T, D), mask (B, T) bool -> context (B, T, D). A padded
+        position's scores all drop by 1e9, which in float32 makes its weights uniform."""
+        scores = self.V(jnp.tanh(self.W_img(patches)[:, None] + self.W_txt(h)[:, :, None]))
+        scores = scores[..., 0] - (1.0 - mask.astype(scores.dtype))[..., None] * 1e9
+        weights = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("btp,bpd->btd", weights, patches)
+
+
+class V2Decoder(nnx.Module):
+    """v2's caption model without its encoder: patches (B, 64, 2048), ids (B, T) -> logits
+    (B, T, V)."""
+
+    def __init__(self, cfg: V2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.image_dense = Linear(cfg.feature_dim, cfg.dim, rngs=rngs)
+        self.init_h = Linear(cfg.dim, cfg.dim, rngs=rngs)
+        self.init_c = Linear(cfg.dim, cfg.dim, rngs=rngs)
+        self.embedding = nnx.Param(nnx.initializers.uniform(0.1)(
+            rngs.params(), (cfg.vocab_size, cfg.dim)) - 0.05)
+        self.lstm = KerasLSTM(cfg.dim, cfg.dim, rngs=rngs)
+        self.attention = TemporalImageAttention(cfg.dim, rngs=rngs)
+        self.gate = Linear(cfg.dim, cfg.dim, rngs=rngs)
+        self.dense = Linear(cfg.dim, cfg.dim, rngs=rngs)
+        self.output = Linear(cfg.dim, cfg.vocab_size, rngs=rngs)
+
+    def image(self, features: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """(B, 64, 2048) -> projected patches (B, 64, D) and the LSTM's (h0, c0)."""
+        patches = self.image_dense(features)
+        mean = jnp.mean(patches, axis=1)
+        return patches, (jnp.tanh(self.init_h(mean)), jnp.tanh(self.init_c(mean)))
+
+    def head(self, patches: jax.Array, h: jax.Array, mask: jax.Array,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+        """patches (B, 64, D), LSTM outputs (B, T, D), mask (B, T) -> logits (B, T, V)."""
+        fused = self.attention(patches, h, mask) + h
+        gated = fused * jax.nn.sigmoid(self.gate(fused))
+        x = dropout(jax.nn.relu(self.dense(gated)), self.cfg.dropout, rngs)
+        return self.output(x)
+
+    def __call__(self, features: jax.Array, ids: jax.Array, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """features (B, 64, 2048), ids (B, T) int (0 = padding) -> logits (B, T, V): position
+        t holds the next word's logits after ids[:, :t+1]."""
+        patches, initial = self.image(features)
+        mask = ids != 0
+        # Keras runs this LSTM over the padding too: called with initial_state, it gets no
+        # mask (only the attention does). Positions before the padding are unaffected.
+        hs = self.lstm(jnp.take(self.embedding[...], ids, axis=0), jnp.ones_like(mask),
+                       initial)
+        return self.head(patches, hs, mask, rngs)

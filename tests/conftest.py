@@ -13,6 +13,8 @@ import pytest
 import torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The Keras references of v1/v2 (tests/test_inception.py, test_lstm.py) use TensorFlow ops.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -81,10 +81,11 @@ def keras_files(tmp_path_factory):
 
 
 def test_keras_weight_files_map_onto_the_convs_in_creation_order(keras_files):
-    from bridge.keras_h5 import inception_params, read_keras_weights
+    from bridge.inception import keras_params
+    from bridge.keras_h5 import read_keras_weights
 
     root, kernels, stats = keras_files
-    params = inception_params(read_keras_weights(root / "legacy.h5"))
+    params = keras_params(read_keras_weights(root / "legacy.h5"))
     assert len(params) == 4 * len(CONVS)
     for index, (kernel, (beta, mean, variance)) in enumerate(zip(kernels, stats, strict=True)):
         np.testing.assert_array_equal(params[f"convs.{index}.kernel"], kernel)
@@ -99,24 +100,75 @@ def test_keras_weight_files_map_onto_the_convs_in_creation_order(keras_files):
 def test_keras_weight_files_that_do_not_fit_are_refused(keras_files, tmp_path):
     import h5py
 
+    from bridge.inception import keras_params
     from bridge.io import BridgeError
-    from bridge.keras_h5 import inception_params, read_keras_weights
+    from bridge.keras_h5 import read_keras_weights
 
     root, _, _ = keras_files
     with pytest.raises(BridgeError, match="position in model.layers"):
-        inception_params(read_keras_weights(root / "new.weights.h5"))
+        keras_params(read_keras_weights(root / "new.weights.h5"))
     weights = read_keras_weights(root / "legacy.h5")
     del weights.layers["conv2d_5"]
     with pytest.raises(BridgeError, match="93 and 94"):
-        inception_params(weights)
+        keras_params(weights)
     weights = read_keras_weights(root / "legacy.h5")
     stats = weights.layers["batch_normalization"]
     weights.layers["batch_normalization"] = [np.ones(3), *stats]  # with a scale
     with pytest.raises(BridgeError, match="no scale"):
-        inception_params(weights)
+        keras_params(weights)
     h5py.File(tmp_path / "other.h5", "w").create_dataset("x", data=np.zeros(3))
     with pytest.raises(BridgeError, match="neither"):
         read_keras_weights(tmp_path / "other.h5")
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(BridgeError, match="not an HDF5 file"):
         read_keras_weights(tmp_path / "text.h5")
+
+
+def _load(model: InceptionV3, params: dict) -> InceptionV3:
+    for index, conv in enumerate(model.convs):
+        for name in ("kernel", "beta", "mean", "variance"):
+            getattr(conv, name)[...] = params[f"convs.{index}.{name}"]
+    return model
+
+
+@pytest.mark.slow
+def test_torchvision_weights_give_torchvisions_mixed_7c_with_counted_padding():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from bridge.inception import torchvision_params
+
+    reference = torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                                init_weights=False, transform_input=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+    reference.eval()
+    captured = {}
+    reference.Mixed_7c.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    rng = np.random.default_rng(0)
+    inputs = np.asarray(preprocess(rng.uniform(0, 255, (2, 299, 299, 3)).astype(np.float32)))
+    with torch.no_grad():
+        reference(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy()))
+    expected = captured["out"].numpy().transpose(0, 2, 3, 1)
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    params = torchvision_params(state)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(nnx.jit(lambda m, x: m(x))(
+            _load(InceptionV3(rngs=nnx.Rngs(0), count_pad=True), params), inputs))
+        # TensorFlow's pooling on the same weights differs: the source decides the pooling.
+        tf_pooling = np.asarray(nnx.jit(lambda m, x: m(x))(
+            _load(InceptionV3(rngs=nnx.Rngs(0)), params), inputs))
+    assert expected.shape == (2, 8, 8, 2048) and expected.std() > 1e-2
+    tolerance = 1e-4 * (1 + np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+    assert np.abs(tf_pooling - expected).max() > 10 * tolerance
+    from bridge.io import BridgeError
+
+    del state["Mixed_6b.branch7x7_2.bn.running_var"]
+    with pytest.raises(BridgeError, match="missing Mixed_6b.branch7x7_2.bn.running_var"):
+        torchvision_params(state)

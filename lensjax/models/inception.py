@@ -7,8 +7,10 @@ Every convolution is Keras' `conv2d_bn`: a bias-free convolution ("same" padding
 statistics) and ReLU. The 94 of them are kept in `convs` in the order Keras creates them
 (its `conv2d`, `conv2d_1`, ... and `batch_normalization`, ...), which is how a weights file
 maps onto them. Average pools inside the blocks are TensorFlow's "same" pooling, which
-leaves the padding out of each window's count. Inputs are 299x299 RGB scaled as
-`x / 127.5 - 1` (`preprocess`).
+leaves the padding out of each window's count (Keras' weights need this); torchvision's
+`inception_v3` pools with `count_include_pad=True` instead (`InceptionV3(count_pad=True)`,
+for its weights). Inputs are 299x299 RGB scaled as `x / 127.5 - 1` (`preprocess`; what
+torchvision's `transform_input=True` makes of ImageNet-normalised pixels too).
 """
 
 from __future__ import annotations
@@ -89,11 +91,14 @@ def max_pool(x: jax.Array) -> jax.Array:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
 
 
-def avg_pool_same(x: jax.Array) -> jax.Array:
-    """3x3, stride 1, "same" average pooling that counts only the pixels inside the image
-    (TensorFlow's; torch's `count_include_pad=True` differs at the borders)."""
+def avg_pool_same(x: jax.Array, count_pad: bool = False) -> jax.Array:
+    """3x3, stride 1, "same" average pooling. By default it counts only the pixels inside
+    the image (TensorFlow's); `count_pad` divides every window by 9 (torch's
+    `avg_pool2d(..., padding=1)`, `count_include_pad=True`)."""
     window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
     total = lax.reduce_window(x, 0.0, lax.add, window, strides, "SAME")
+    if count_pad:
+        return total / 9.0
     count = lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, lax.add, window,
                               strides, "SAME")
     return total / count
@@ -108,14 +113,17 @@ class InceptionV3(nnx.Module):
     """The feature extractor: `__call__` gives `mixed10` (B, 8, 8, 2048) for 299x299 inputs;
     `pooled` its spatial mean (B, 2048) (v1); `patches` the (B, 64, 2048) rows (v2)."""
 
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, *, rngs: nnx.Rngs, count_pad: bool = False):
+        """`count_pad`: the block average pools count the padding (torchvision's weights)."""
+        self.count_pad = count_pad
         self.convs = nnx.List([ConvBN(n_in, spec, rngs=rngs)
                                for n_in, spec in zip(input_widths(), CONVS, strict=True)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Preprocessed images (B, H, W, 3) -> mixed10 (B, H', W', 2048)."""
         convs: Iterator[ConvBN] = iter(self.convs)
-        return _graph(x, lambda t: next(convs)(t), max_pool, avg_pool_same,
+        return _graph(x, lambda t: next(convs)(t), max_pool,
+                      lambda t: avg_pool_same(t, self.count_pad),
                       lambda ts: jnp.concatenate(ts, axis=-1))
 
     def pooled(self, x: jax.Array) -> jax.Array:

@@ -145,3 +145,49 @@ def test_v2_next_word_distributions_equal_the_notebooks_keras_model():
         ours = np.asarray(jax.nn.log_softmax(model(features, ids), axis=-1))
     assert np.abs(ours[0, 0] - ours[0, -1]).max() > 0.05  # the prefix matters
     np.testing.assert_allclose(ours, expected, atol=1e-4 * (1 + np.abs(expected).max()), rtol=0)
+
+
+def _greedy_by_hooks(model, features, steps):
+    prefix = model.start_decoding(features, 1, steps)
+    logits, state, tokens = prefix.logits, prefix.cache, []
+    for position in range(steps):
+        token = jax.numpy.argmax(logits, axis=-1).astype(np.int32)
+        tokens.append(np.asarray(token))
+        logits, state = model.decode_step(prefix.context, state, token, position + 1)
+    return np.stack(tokens, axis=1)
+
+
+def _greedy_by_rerunning(model, features, steps, start_id):
+    """The notebooks' greedy: the whole prefix through the model at every step."""
+    ids = np.full((len(features), 1), start_id, np.int32)
+    for _ in range(steps):
+        nxt = np.asarray(model(features, ids))[:, -1].argmax(-1).astype(np.int32)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    return ids[:, 1:]
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_lstm_state_decoding_equals_rerunning_the_prefix(family):
+    from lensjax.models.lstm import V2Config, V2Decoder
+
+    rng = np.random.default_rng(2)
+    if family == "v1":
+        model = V1Decoder(v1_preset("add", VOCAB), rngs=nnx.Rngs(3))
+        features = rng.uniform(0, 1, (3, 2048)).astype(np.float32)
+    else:
+        model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(3))
+        features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
+    model.embedding[...] = rng.normal(0, 1.0, model.embedding.shape).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        by_hooks = _greedy_by_hooks(model, features, 6)
+        rerun = _greedy_by_rerunning(model, features, 6, model.cfg.start_id)
+    np.testing.assert_array_equal(by_hooks, rerun)
+    assert len({tuple(row) for row in by_hooks}) > 1 or len(set(by_hooks[0])) > 1
+
+
+def test_beam_reorder_gathers_each_beams_parent_state():
+    model = V1Decoder(v1_preset("add", VOCAB), rngs=nnx.Rngs(0))
+    h = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)  # row tags
+    parents = np.array([[2, 2, 0], [1, 0, 0]])  # 2 images x 3 beams
+    new_h, _ = model.reorder_state((h, h), parents)
+    np.testing.assert_array_equal(np.asarray(new_h)[:, 0], [2, 2, 0, 4, 3, 3])

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from lensjax.models.decoding import DecodePrefix
 from lensjax.models.layers import Linear, dropout
 
 
@@ -55,6 +56,7 @@ class V1Config:
     image_dropout: float = 0.4
     text_dropout: float = 0.3
     merge_dropout: float = 0.0  # 0.3 in the concat variant
+    start_id: int = 2  # `<start>`'s index (the notebook's fallback)
 
 
 def v1_preset(fusion: str = "add", vocab_size: int = 10_000) -> V1Config:
@@ -65,6 +67,36 @@ def v1_preset(fusion: str = "add", vocab_size: int = 10_000) -> V1Config:
         return V1Config(vocab_size=vocab_size, fusion="concat", image_dim=256,
                         merge_dropout=0.3)
     raise ValueError(f"unknown fusion {fusion!r}: use add or concat")
+
+
+class LSTMDecoding:
+    """The decode hooks of `lensjax.models.decoding` for an LSTM decoder: the carried state
+    is (h, c) per row, advanced one word per step (the notebooks re-ran the whole prefix
+    each step), reordered by `reorder_state` in beam search. Subclasses give `_image_context`
+    (the per-row image part), `_initial_state` and `_step_logits`."""
+
+    def start_decoding(self, features: jax.Array, slots: int, max_new: int) -> DecodePrefix:
+        """features -> the prefix after `<start>`: context (rows, ...), (h, c) (rows, H),
+        the first word's logits (rows, V); rows = B * slots."""
+        context, state = self._image_context(features)
+        context, state = jax.tree.map(lambda x: jnp.repeat(x, slots, axis=0), (context, state))
+        start = jnp.full((context.shape[0],), self.cfg.start_id, jnp.int32)
+        logits, state = self._advance(context, state, start)
+        return DecodePrefix(context, state, logits, 1)
+
+    def decode_step(self, context, cache, tokens: jax.Array, position, origin=None):
+        """tokens (rows,) -> (the next logits (rows, V) float32, the advanced (h, c))."""
+        return self._advance(context, cache, tokens)
+
+    def reorder_state(self, cache, parents: jax.Array):
+        """Beam s of image b continues beam `parents[b, s]`: gather its (h, c)."""
+        batch, slots = parents.shape
+        rows = (jnp.arange(batch)[:, None] * slots + parents).reshape(-1)
+        return jax.tree.map(lambda x: x[rows], cache)
+
+    def _advance(self, context, state, tokens):
+        state = self.lstm.step(state, jnp.take(self.embedding[...], tokens, axis=0))
+        return self._step_logits(context, state[0]).astype(jnp.float32), state
 
 
 class KerasLSTM(nnx.Module):
@@ -107,9 +139,9 @@ class KerasLSTM(nnx.Module):
         return jnp.swapaxes(hs, 0, 1)
 
 
-class V1Decoder(nnx.Module):
+class V1Decoder(LSTMDecoding, nnx.Module):
     """v1's caption model without its encoder: features (B, 2048), ids (B, T) -> logits
-    (B, T, V)."""
+    (B, T, V); decode hooks with (h, c) from zeros."""
 
     def __init__(self, cfg: V1Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -138,6 +170,13 @@ class V1Decoder(nnx.Module):
         merged = dropout(jax.nn.relu(self.merge_dense(merged)), self.cfg.merge_dropout, rngs)
         return self.output(merged)
 
+    def _image_context(self, features):
+        zeros = jnp.zeros((features.shape[0], self.cfg.hidden), jnp.float32)
+        return self.image(features), (zeros, zeros)
+
+    def _step_logits(self, image, h):
+        return self.head(image, h)
+
     def __call__(self, features: jax.Array, ids: jax.Array, *,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         """features (B, 2048), ids (B, T) int (0 = padding) -> logits (B, T, V): position t
@@ -156,6 +195,7 @@ class V2Config:
     patches: int = 64
     dim: int = 256  # patch projection, embedding, LSTM, attention units, gate, dense
     dropout: float = 0.5
+    start_id: int = 2  # `<start>`'s index (the notebook's fallback)
 
 
 class TemporalImageAttention(nnx.Module):
@@ -176,9 +216,9 @@ class TemporalImageAttention(nnx.Module):
         return jnp.einsum("btp,bpd->btd", weights, patches)
 
 
-class V2Decoder(nnx.Module):
+class V2Decoder(LSTMDecoding, nnx.Module):
     """v2's caption model without its encoder: patches (B, 64, 2048), ids (B, T) -> logits
-    (B, T, V)."""
+    (B, T, V); decode hooks with (h, c) from the image."""
 
     def __init__(self, cfg: V2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -198,6 +238,12 @@ class V2Decoder(nnx.Module):
         patches = self.image_dense(features)
         mean = jnp.mean(patches, axis=1)
         return patches, (jnp.tanh(self.init_h(mean)), jnp.tanh(self.init_c(mean)))
+
+    def _image_context(self, features):
+        return self.image(features)
+
+    def _step_logits(self, patches, h):
+        return self.head(patches, h[:, None], jnp.ones((h.shape[0], 1), bool))[:, 0]
 
     def head(self, patches: jax.Array, h: jax.Array, mask: jax.Array,
              rngs: nnx.Rngs | None = None) -> jax.Array:

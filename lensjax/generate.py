@@ -38,6 +38,8 @@ class DecodeOptions:
     """Static decoding settings (a change compiles a new program).
 
     `stop_on_repeat` None means LensToWords' choice: on for greedy and top-k, off for beam.
+    `eos_id` ends a row (as token 0 does): GPT-2's 50256, or a word vocabulary's `<end>`;
+    `period_id` is the token `stop_at_period` stops after.
     """
 
     method: Method = "topk"
@@ -47,6 +49,8 @@ class DecodeOptions:
     beam_width: int = 5
     stop_at_period: bool = True
     stop_on_repeat: bool | None = None
+    eos_id: int = EOS_ID
+    period_id: int = PERIOD_ID
 
     def __post_init__(self):
         if self.method not in ("greedy", "topk", "beam"):
@@ -58,29 +62,31 @@ class DecodeOptions:
         check_bool("stop_at_period", self.stop_at_period)
         if self.stop_on_repeat is not None:
             check_bool("stop_on_repeat", self.stop_on_repeat)
+        check_int("eos_id", self.eos_id, 0)
+        check_int("period_id", self.period_id, 0)
 
     @property
     def repeat_stop(self) -> bool:
         return self.method != "beam" if self.stop_on_repeat is None else self.stop_on_repeat
 
 
-def _mask_stops(logits: jax.Array, step, min_new: int) -> jax.Array:
+def _mask_stops(logits: jax.Array, step, min_new: int, eos_id: int = EOS_ID) -> jax.Array:
     """Before `min_new` tokens, EOS and token 0 (both end a row) cannot be chosen. Only the
     two columns are rewritten (in place), not the whole (rows, vocab) array."""
     if min_new == 0:
         return logits
     early = step < min_new
-    for token in (0, EOS_ID):
+    for token in (0, eos_id):
         logits = logits.at[:, token].set(jnp.where(early, -jnp.inf, logits[:, token]))
     return logits
 
 
-def _top_log_probs(logits: jax.Array, k: int, step, min_new: int
+def _top_log_probs(logits: jax.Array, k: int, step, min_new: int, eos_id: int = EOS_ID
                    ) -> tuple[jax.Array, jax.Array]:
     """The k best log-probabilities of each row (EOS and 0 masked before `min_new` tokens,
     after normalising, as LensToWords masks them) and their tokens, without materialising the
     whole log-softmax: top-k of the logits minus their log-sum-exp. (rows, V) -> 2 x (rows, k)."""
-    values, tokens = lax.top_k(_mask_stops(logits, step, min_new), k)
+    values, tokens = lax.top_k(_mask_stops(logits, step, min_new, eos_id), k)
     return values - jax.nn.logsumexp(logits, axis=-1, keepdims=True), tokens
 
 
@@ -100,12 +106,12 @@ def sample(
     options: DecodeOptions,
 ) -> jax.Array:
     """Greedy or top-k decoding. features (B, S, D), row_keys (B,) PRNG keys -> (B, max_new)."""
-    batch, max_new = features.shape[0], options.max_new_tokens
+    batch, max_new, eos = features.shape[0], options.max_new_tokens, options.eos_id
     prefix = model.start_decoding(features, 1, max_new)
 
     def choose(state: _SampleState) -> _SampleState:
         step = state.step
-        logits = _mask_stops(state.logits, step, options.min_new_tokens)
+        logits = _mask_stops(state.logits, step, options.min_new_tokens, eos)
         if options.method == "greedy":
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
@@ -113,13 +119,13 @@ def sample(
             keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
             choice = jax.vmap(jax.random.categorical)(keys, values / temperature)
             token = jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
-        ends = (token == EOS_ID) | (token == 0)
-        written = jnp.where(state.done | ends, EOS_ID, token)
+        ends = (token == eos) | (token == 0)
+        written = jnp.where(state.done | ends, eos, token)
         tokens = lax.dynamic_update_slice(state.tokens, written[:, None], (0, step))
         allowed = step + 1 >= options.min_new_tokens
         stop = ends
         if options.stop_at_period:
-            stop |= allowed & (token == PERIOD_ID)
+            stop |= allowed & (token == options.period_id)
         if options.repeat_stop:
             previous = lax.dynamic_slice(tokens, (0, jnp.maximum(step - 2, 0)), (batch, 3))
             stop |= allowed & (step >= 2) & (previous[:, 0] == token) & (previous[:, 1] == token)
@@ -132,7 +138,7 @@ def sample(
         return choose(state._replace(cache=cache, logits=logits))
 
     state = choose(_SampleState(
-        jnp.int32(0), jnp.full((batch, max_new), EOS_ID, jnp.int32), jnp.zeros(batch, bool),
+        jnp.int32(0), jnp.full((batch, max_new), eos, jnp.int32), jnp.zeros(batch, bool),
         prefix.cache, prefix.logits,
     ))
     state = lax.while_loop(
@@ -167,6 +173,7 @@ def beam_search(
     slot holds each of its earlier positions, never the caches themselves.
     """
     batch, width, max_new = features.shape[0], options.beam_width, options.max_new_tokens
+    eos = options.eos_id
     prefix = model.start_decoding(features, width, max_new)
     positions = prefix.offset + max_new
     slots = jnp.arange(width, dtype=jnp.int32)
@@ -176,14 +183,14 @@ def beam_search(
     def choose(state: _BeamState) -> _BeamState:
         step = state.step
         top_logp, top_tokens = _top_log_probs(state.logits, width, step,
-                                              options.min_new_tokens)  # (B*W, W)
+                                              options.min_new_tokens, eos)  # (B*W, W)
         candidates = (state.scores[:, :, None] + top_logp.reshape(batch, width, width)
                       ).reshape(batch, width * width)
         ranked, order = lax.top_k(candidates, width * width)  # descending, ties by index
         tokens = top_tokens.reshape(batch, width * width)
         tokens = jnp.take_along_axis(tokens, order, axis=1)
         parents = order // width
-        is_eos = tokens == EOS_ID
+        is_eos = tokens == eos
         live_rank = jnp.cumsum(~is_eos, axis=1)
         live = ~is_eos & (live_rank <= width)
         before_last_live = jnp.cumsum(live, axis=1) - live < width
@@ -222,9 +229,9 @@ def beam_search(
         return choose(state._replace(cache=cache, origin=origin, logits=logits))
 
     state = choose(_BeamState(
-        jnp.int32(0), jnp.full((batch, width, max_new), EOS_ID, jnp.int32), scores,
+        jnp.int32(0), jnp.full((batch, width, max_new), eos, jnp.int32), scores,
         prefix.cache, jnp.broadcast_to(slots[None, :, None], (batch, width, positions)),
-        prefix.logits, jnp.full((batch, max_new), EOS_ID, jnp.int32),
+        prefix.logits, jnp.full((batch, max_new), eos, jnp.int32),
         jnp.full((batch,), -jnp.inf),
     ))
     state = lax.while_loop(lambda s: s.step < max_new, advance, state)

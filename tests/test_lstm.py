@@ -191,3 +191,27 @@ def test_beam_reorder_gathers_each_beams_parent_state():
     parents = np.array([[2, 2, 0], [1, 0, 0]])  # 2 images x 3 beams
     new_h, _ = model.reorder_state((h, h), parents)
     np.testing.assert_array_equal(np.asarray(new_h)[:, 0], [2, 2, 0, 4, 3, 3])
+
+
+def test_the_shared_decode_loops_run_an_lstm_with_its_own_end_token():
+    from lensjax.generate import DecodeOptions, beam_search, sample
+    from lensjax.models.lstm import V2Config, V2Decoder
+
+    rng = np.random.default_rng(4)
+    model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(5))
+    model.embedding[...] = rng.normal(0, 1.0, model.embedding.shape).astype(np.float32)
+    features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        rerun = _greedy_by_rerunning(model, features, 6, model.cfg.start_id)
+        end = int(rerun[0, 2])  # make the third word of image 0 its <end>
+        options = DecodeOptions("greedy", 6, eos_id=end, stop_at_period=False,
+                                stop_on_repeat=False)
+        keys = jax.random.split(jax.random.key(0), 3)
+        greedy = np.asarray(sample(model, features, keys, 1.0, options))
+        beams = np.asarray(beam_search(model, features, 0.7,
+                                       DecodeOptions("beam", 6, beam_width=3, eos_id=end)))
+    for row, tokens in enumerate(rerun):
+        stop = next((i for i, t in enumerate(tokens) if t in (end, 0)), len(tokens))
+        expected = np.where(np.arange(6) < stop, tokens, end)
+        np.testing.assert_array_equal(greedy[row], expected)
+    assert greedy[0, 2] == end and beams.shape == (3, 6) and beams.max() < VOCAB

@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
-from lensjax import Captioner, CaptionerConfig, CaptionModel, load_pretrained
+from lensjax import load_pretrained
 from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.synthetic import generate, read_scenes
 from lensjax.evaluate import corpus_bleu4, seed_bleu4, seed_bleu4_per_image, write_gallery
@@ -39,6 +38,7 @@ from lensjax.files import write_text_atomic
 from lensjax.phases import PHASES as PHASE_TABLE
 from lensjax.scene_scores import SceneScores, score_scenes
 from lensjax.train import RunFolder, plot_losses
+from steps import run_cli, save_random_encoder
 
 OUT = Path("demo_out")
 PHASES = ("demo-prepend", "demo-inject", "demo-all")
@@ -53,11 +53,7 @@ def _step(number: int, text: str, started: float) -> None:
 
 
 def _cli(module, argv: list[str]) -> None:
-    """Run a lensjax command-line entry point in this process; stop the demo if it fails."""
-    print("   $ python -m " + module.__name__ + " " + " ".join(argv), flush=True)
-    code = module.main(argv)
-    if code:
-        sys.exit(f"demo: python -m {module.__name__} failed with exit status {code}")
+    run_cli("demo", module, argv)
 
 
 def _all_phase_losses(runs: Path) -> list[dict]:
@@ -95,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     captions_file = generate(OUT / "shapes", images=args.images, seed=0)
 
     _step(2, "features from a random-initialised frozen encoder (preset 'demo')", started)
-    encoder = CaptionModel(Captioner(CaptionerConfig.from_preset("demo"), rngs=nnx.Rngs(0)),
-                           {"provenance": {"created_by": "make demo", "note": "random encoder"}})
-    encoder.save(OUT / "encoder")
+    save_random_encoder(OUT / "encoder", "make demo")
     _cli(extract, [str(OUT / "shapes" / "images"), "--weights", str(OUT / "encoder"),
                    "--out", str(OUT / "features"), "--shards", "2"])
 

@@ -35,16 +35,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from lensjax import Captioner, CaptionerConfig, CaptionModel, load_pretrained
+from lensjax import CaptionModel, load_pretrained
 from lensjax.data.cache import SHARD_PREFIX, FeatureCache
 from lensjax.data.captions import load_flickr30k
 from lensjax.data.synthetic import NUMBERS, Scene, generate, read_scenes
 from lensjax.evaluate import corpus_bleu4, seed_bleu4
 from lensjax.files import save_figure, write_text_atomic
 from lensjax.scene_scores import score_scenes
+from steps import run_cli, save_random_encoder
 
 OUT = Path("forgetting_out")
 SOCIAL_PREFIX = "social-"
@@ -123,20 +123,14 @@ def extract_features() -> None:
     demo, as make demo), which OUT/encoder keeps."""
     from lensjax import extract
 
-    encoder = CaptionModel(Captioner(CaptionerConfig.from_preset("demo"), rngs=nnx.Rngs(0)),
-                           {"provenance": {"created_by": "make forgetting",
-                                           "note": "random encoder"}})
-    encoder.save(OUT / "encoder")
+    save_random_encoder(OUT / "encoder", "make forgetting")
     for domain, folder in (("a", OUT / "shapes" / "images"), ("b", OUT / "social")):
         _cli(extract, [str(folder), "--weights", str(OUT / "encoder"), "--out",
                        str(OUT / f"features_{domain}")])
 
 
 def _cli(module, argv: list[str]) -> None:
-    print("   $ python -m " + module.__name__ + " " + " ".join(argv), flush=True)
-    code = module.main(argv)
-    if code:
-        sys.exit(f"forgetting: python -m {module.__name__} failed with exit status {code}")
+    run_cli("forgetting", module, argv)
 
 
 def _captions(model: CaptionModel, cache: FeatureCache, keys: list[str]) -> dict[str, str]:

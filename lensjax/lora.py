@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from lensjax.models.encoding import IMAGE_LABEL_RULES
+
 PREFIX = "lora."
 TREE = "lora"  # the checkpoint tree that holds the adapters
 # Never targeted: the image side (it is not the decoder whose style changes).
-_EXCLUDED = re.compile(r"^encoder(_head)?\.")
+_IMAGE_SIDE = tuple(re.compile(pattern) for _, pattern in IMAGE_LABEL_RULES)
 DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
 
 
@@ -93,7 +95,7 @@ def target_layers(paths: Iterable[str], spec: LoRASpec) -> list[str]:
     layer with a 2-D `kernel` whose path has a target as one of its components, outside the
     image encoder. ValueError for a target that matches no layer."""
     kernels = [_layer(p) for p in paths if p.endswith(".kernel") and not p.startswith(PREFIX)
-               and not _EXCLUDED.match(p)]
+               and not any(side.match(p) for side in _IMAGE_SIDE)]
     chosen, unused = [], set(spec.targets)
     for layer in kernels:
         hits = set(layer.split(".")) & set(spec.targets)

@@ -46,7 +46,6 @@ TORCHVISION_CONVS: tuple[str, ...] = (
                                                          for i in range(1, 5))]),
     *_block("Mixed_7b", _E), *_block("Mixed_7c", _E),
 )
-BN_EPSILON = 1e-3  # torchvision's BasicConv2d and Keras' BatchNormalization alike
 
 
 def _expected_shapes() -> list[tuple[int, int, int, int]]:

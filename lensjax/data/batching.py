@@ -243,15 +243,15 @@ class MixedBatches(_Batches):
         return streams
 
     def _batch(self, streams: list[np.ndarray], index: int) -> Batch:
-        start = self._starts[index]
-        parts = []
-        for source, examples in enumerate(self.examples):
-            rows = streams[source][start[source] : start[source] + self.counts[index, source]]
-            parts.append(self._assemble(examples, rows))
-        batch = Batch(np.concatenate([p.features for p in parts]),
-                      *(np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("inputs", "targets", "lengths")),
-                      [k for p in parts for k in p.keys])
-        sliced = self.rows
-        return Batch(batch.features[sliced], batch.inputs[sliced], batch.targets[sliced],
-                     batch.lengths[sliced], batch.keys[sliced])
+        """This process's rows of batch `index`: the global batch lists each source's rows in
+        source order; only the slice this process takes is read."""
+        start, counts = self._starts[index], self.counts[index]
+        sources = np.repeat(np.arange(len(self.examples)), counts)[self.rows]
+        rows = np.concatenate([streams[s][start[s] : start[s] + counts[s]]
+                               for s in range(len(self.examples))])[self.rows]
+        parts = [self._assemble(examples, rows[sources == s])
+                 for s, examples in enumerate(self.examples) if np.any(sources == s)]
+        return Batch(np.concatenate([p.features for p in parts]),
+                     *(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("inputs", "targets", "lengths")),
+                     [k for p in parts for k in p.keys])

@@ -157,8 +157,9 @@ class Captioner(nn.Module):
         if mode == "prepend":
             x = torch.cat([latents, x], dim=1)
         length = x.shape[1]
-        x = transformer.drop(x + transformer.wpe(torch.arange(length)))
-        causal = torch.full((length, length), torch.finfo(x.dtype).min).triu(1)[None, None]
+        x = transformer.drop(x + transformer.wpe(torch.arange(length, device=x.device)))
+        causal = torch.full((length, length), torch.finfo(x.dtype).min,
+                            device=x.device).triu(1)[None, None]
         shared = isinstance(self.cross, SharedCrossAttention)
         for layer, block in enumerate(transformer.h):
             x = x + block.attn(block.ln_1(x), attention_mask=causal)[0]

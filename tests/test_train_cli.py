@@ -314,6 +314,21 @@ def test_encoder_phase_reads_pixels_and_trains_only_the_components_asked_for(dat
         np.testing.assert_array_equal(back.params[path], after[path])
 
 
+def test_an_encoder_from_a_checkpoint_brings_its_image_size(data, tmp_path):
+    # An encoder trained at 48 px (scene pretraining, say) captions at 48 px after a features
+    # phase that only borrows it.
+    encoder = tmp_path / "encoder"
+    cfg = CaptionerConfig.from_preset("demo", image_size=48)
+    CaptionModel(Captioner(cfg, rngs=nnx.Rngs(0))).save(encoder)
+    out = tmp_path / "run"
+    assert main(_args(data, "demo-prepend", out, "--init", f"encoder={encoder}",
+                      "--max-steps", "1", "--eval-images", "0")) == 0
+    trained = load_pretrained(out / "best")
+    assert trained.config.image_size == 48
+    np.testing.assert_array_equal(trained.params["encoder.stem.0.kernel"],
+                                  load_pretrained(encoder).params["encoder.stem.0.kernel"])
+
+
 def test_encoder_phase_resumed_gives_the_losses_of_an_uninterrupted_one(data, tmp_path):
     # 5 images' 25 captions make 3 batches an epoch: the stopped run ends with epoch 1 (a
     # phase ended by --max-steps goes on with the next epoch when resumed).

@@ -60,6 +60,12 @@ class ImageCache:
     def nbytes(self) -> int:
         return self._pixels.nbytes
 
+    @property
+    def pixels(self) -> np.ndarray:
+        """Every image, uint8 (len(self), size, size, 3), in the order of `keys` (the
+        unreadable ones left out)."""
+        return self._pixels
+
     def get_batch(self, keys: Sequence[str]) -> np.ndarray:
         """Normalised float32 model inputs (len(keys), size, size, 3)."""
         return normalise(self._pixels[[self._index[k] for k in keys]])

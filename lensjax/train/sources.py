@@ -93,7 +93,7 @@ def model_config(phase: Phase, sources: dict[str, str | Path], preset: str | Non
     """The run's model configuration: `preset`, else the first init checkpoint's, else the
     phase's preset (any family's); in the phase's mode (v3b); with the encoder of
     `sources["encoder"]`, which is filled in from the first checkpoint that has one when not
-    named."""
+    named, and that checkpoint's image size (the side its encoder was trained at)."""
     from lensjax.models.families import config_from_metadata, family_of, preset_config
 
     checkpoints = [Path(s) for s in sources.values()
@@ -124,6 +124,7 @@ def model_config(phase: Phase, sources: dict[str, str | Path], preset: str | Non
     encoder_cfg = None
     if sources.get("encoder", FRESH) != FRESH:
         encoder_cfg = config_from_metadata(store.lensjax(Path(sources["encoder"]))[1])
+        cfg = dataclasses.replace(cfg, image_size=encoder_cfg.image_size)
     elif "encoder" in sources:
         encoder_cfg = cfg if cfg.encoder else preset_config(phase.preset)
     if phase.mode is not None:

@@ -1,0 +1,301 @@
+"""Pretrain a captioner's image encoder on the synthetic set's scene labels: `make demo`'s
+ImageNet.
+
+LensToWords' encoder is a ConvNeXt pretrained on ImageNet's labels. Offline there are no such
+weights, and a random encoder does not see the synthetic shapes' kinds (BENCHMARKS.md, "make
+demo"); learned from the captions alone, the kind comes too late for a demo's minutes. This
+trains the encoder and its multi-scale head on what `scenes.jsonl` says each image shows:
+each of the head's (pool x pool) tokens predicts the kind, colour and size of the shape whose
+box covers its cell (or "none"), and the mean token predicts the background. The loss
+averages over shapes (each shape's cells together weigh one, so a small shape on one cell
+counts as much as a large one on six) and, separately, over the empty cells, so the few cells
+that hold a shape are not drowned by the many that do not.
+
+    python -m lensjax.scene_pretrain demo_out/shapes --preset demo --image-size 128 \\
+        --steps 1500 --out demo_out/encoder
+
+The checkpoint is a whole captioner of the preset whose encoder and head are trained (its
+other components random), so `python -m lensjax.extract --weights` and `--init encoder=`
+read it as any other. Only the set's training images are seen: the split is the training
+CLI's (`seed_split`, seed 42, 90%), and the held-out accuracies are measured on the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from lensjax.api import CaptionModel
+from lensjax.cli import EXIT_BAD_INPUT, EXIT_DONE, CliParser, finite_float, int_in
+from lensjax.data.captions import load_flickr30k, seed_split
+from lensjax.data.image_cache import ImageCache
+from lensjax.data.images import IMAGENET_MEAN, IMAGENET_STD
+from lensjax.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, read_scenes
+from lensjax.models.families import family_of, preset_config
+from lensjax.models.layers import Linear
+
+_KINDS, _COLOURS, _SIZES, _BACKGROUNDS = (tuple(SHAPES), tuple(COLOURS), tuple(SIZES),
+                                          tuple(BACKGROUNDS))
+
+
+class SceneTargets(NamedTuple):
+    """Per-image labels: `kind`, `colour`, `size` int32 (N, grid*grid), 0 = no shape in the
+    cell, else 1 + the index in the synthetic set's list; `weight` float32 (N, grid*grid),
+    1 / the number of cells of the cell's shape (0 for empty cells), so that every shape
+    counts the same in the loss, small or large; `centre` bool (N, grid*grid), the cell
+    holding each shape's box centre; `background` int32 (N,)."""
+
+    kind: np.ndarray
+    colour: np.ndarray
+    size: np.ndarray
+    weight: np.ndarray
+    centre: np.ndarray
+    background: np.ndarray
+
+    def rows(self, index: np.ndarray) -> SceneTargets:
+        return SceneTargets(*(field[index] for field in self))
+
+
+def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneTargets:
+    """The labels of `scenes` on a (grid x grid) raster, row-major as the encoder head
+    flattens its pooled maps. A cell takes a shape's labels when its centre lies in the
+    shape's box, and the cell holding the box centre always does (a small shape covers at
+    least one cell). `image_side`: the side in pixels the scenes' boxes are given in."""
+    count = len(scenes)
+    kind, colour, size = (np.zeros((count, grid, grid), np.int32) for _ in range(3))
+    weight = np.zeros((count, grid, grid), np.float32)
+    centre = np.zeros((count, grid, grid), bool)
+    background = np.array([_BACKGROUNDS.index(s.background) for s in scenes], np.int32)
+    cell = image_side / grid
+    middles = (np.arange(grid) + 0.5) * cell
+    for n, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            x0, y0, x1, y1 = shape.box
+            inside = (((middles >= y0) & (middles < y1))[:, None]
+                      & ((middles >= x0) & (middles < x1))[None, :])
+            row = min(grid - 1, int((y0 + y1) / 2 // cell))
+            col = min(grid - 1, int((x0 + x1) / 2 // cell))
+            inside[row, col] = True
+            centre[n, row, col] = True
+            kind[n][inside] = 1 + _KINDS.index(shape.kind)
+            colour[n][inside] = 1 + _COLOURS.index(shape.colour)
+            size[n][inside] = 1 + _SIZES.index(shape.size)
+            weight[n][inside] = 1.0 / inside.sum()
+    flat = (count, grid * grid)
+    return SceneTargets(kind.reshape(flat), colour.reshape(flat), size.reshape(flat),
+                        weight.reshape(flat), centre.reshape(flat), background)
+
+
+class SceneProbe(nnx.Module):
+    """A captioner's encoder and head (shared, not copied) with linear read-outs: images
+    (B, H, W, 3) -> logits kind (B, S, 5), colour (B, S, 6), size (B, S, 3) per token and
+    background (B, 3) from the mean token."""
+
+    def __init__(self, captioner: nnx.Module, *, rngs: nnx.Rngs):
+        captioner.check_can_encode()
+        self.encoder = captioner.encoder
+        self.encoder_head = captioner.encoder_head
+        width = captioner.cfg.head.out_dim
+        self.kind = Linear(width, 1 + len(_KINDS), rngs=rngs)
+        self.colour = Linear(width, 1 + len(_COLOURS), rngs=rngs)
+        self.size = Linear(width, 1 + len(_SIZES), rngs=rngs)
+        self.background = Linear(width, len(_BACKGROUNDS), rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
+        tokens = self.encoder_head(self.encoder(images))
+        return (self.kind(tokens), self.colour(tokens), self.size(tokens),
+                self.background(tokens.mean(axis=1)))
+
+
+def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Array
+                            ) -> jax.Array:
+    """Cross-entropy averaged over the shapes (each shape's cells weighted to sum to 1) plus
+    the mean over the empty cells."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    empty = (labels == 0).astype(jnp.float32)
+    return ((losses * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+            + (losses * empty).sum() / jnp.maximum(empty.sum(), 1.0))
+
+
+def scene_loss(outputs: Sequence[jax.Array], targets: SceneTargets) -> jax.Array:
+    """The training objective: balanced cross-entropies of kind, colour and size per cell plus
+    the background's cross-entropy."""
+    kind, colour, size, background = outputs
+    weight = targets.weight
+    return (_balanced_cross_entropy(kind, targets.kind, weight)
+            + _balanced_cross_entropy(colour, targets.colour, weight)
+            + _balanced_cross_entropy(size, targets.size, weight)
+            + optax.softmax_cross_entropy_with_integer_labels(
+                background, targets.background).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+    """Adam at `learning_rate` with a linear warm-up over `warmup` steps and a cosine decay to
+    0 at `steps`; batches of `batch_size` drawn without replacement within each epoch."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 6e-3
+    warmup: int = 50
+    seed: int = 0
+
+
+def pretrain(captioner: nnx.Module, pixels: np.ndarray, targets: SceneTargets,
+             settings: PretrainSettings, *, progress: bool = True
+             ) -> tuple[SceneProbe, list[float]]:
+    """Train `captioner`'s encoder and head in place on uint8 images (N, H, W, 3) and their
+    labels; -> the probe (the encoder with its trained read-outs) and the loss of every
+    step."""
+    probe = SceneProbe(captioner, rngs=nnx.Rngs(settings.seed))
+    graphdef, params, rest = nnx.split(probe, nnx.Param, ...)
+    warmup = min(settings.warmup, settings.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, settings.learning_rate, warmup, max(settings.steps, warmup + 1))
+    optimizer = optax.adam(schedule)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, images, batch_targets):
+        def loss_of(params):
+            module = nnx.merge(graphdef, params, rest)
+            return scene_loss(module(_normalise(images)), batch_targets)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(settings.seed)
+    order: list[int] = []
+    losses = []
+    with tqdm(total=settings.steps, desc="scene pretraining", unit="step",
+              disable=not progress) as bar:
+        for _ in range(settings.steps):
+            if len(order) < settings.batch_size:
+                order += rng.permutation(len(pixels)).tolist()
+            index = np.array(order[: settings.batch_size])
+            del order[: settings.batch_size]
+            params, opt_state, loss = step(params, opt_state, pixels[index],
+                                           SceneTargets(*map(jnp.asarray, targets.rows(index))))
+            losses.append(float(loss))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"the loss became {losses[-1]} at step {len(losses)}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+    nnx.update(probe, params)
+    return probe, losses
+
+
+def _normalise(pixels: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, 3) -> ImageNet-normalised float32 on the device (`normalise`'s sum)."""
+    return (pixels.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTargets,
+                      batch_size: int = 100) -> dict[str, float]:
+    """Accuracy of a trained probe on uint8 images (N, H, W, 3) it did not train on: kind,
+    colour and size at each shape's centre cell, background per image, and "empty" (cells
+    without a shape read as none)."""
+    graphdef, state = nnx.split(probe)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(_normalise(x)))
+    outputs = [[], [], [], []]
+    for start in range(0, len(pixels), batch_size):
+        chunk = jnp.asarray(pixels[start : start + batch_size])
+        for store, logits in zip(outputs, run(state, chunk), strict=True):
+            store.append(np.asarray(logits.argmax(-1)))
+    kind, colour, size, background = (np.concatenate(o) for o in outputs)
+    centre, empty = targets.centre, targets.kind == 0
+    return {"kind": float((kind == targets.kind)[centre].mean()),
+            "colour": float((colour == targets.colour)[centre].mean()),
+            "size": float((size == targets.size)[centre].mean()),
+            "background": float((background == targets.background).mean()),
+            "empty": float((kind == 0)[empty].mean())}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = CliParser(prog="python -m lensjax.scene_pretrain", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("set", type=Path, help="a synthetic set's folder (images/, captions.txt, "
+                        "scenes.jsonl), as `python -m lensjax.data.synthetic` writes it")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    parser.add_argument("--preset", default="demo", help="the captioner preset whose encoder "
+                        "and head are trained (default: demo)")
+    parser.add_argument("--image-size", type=int_in(32), default=128,
+                        help="side in pixels the images are resized to; recorded in the "
+                        "checkpoint, so extraction and captioning use it (default: 128, "
+                        "where the encoder's maps line up with the 8x8 token grid)")
+    parser.add_argument("--steps", type=int_in(1), default=PretrainSettings.steps)
+    parser.add_argument("--batch-size", type=int_in(1), default=PretrainSettings.batch_size)
+    parser.add_argument("--lr", type=finite_float(0), default=PretrainSettings.learning_rate,
+                        help="peak learning rate (Adam, warm-up then cosine decay)")
+    parser.add_argument("--seed", type=int_in(0), default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain and save; -> the held-out accuracies (also in the checkpoint's provenance)."""
+    scenes = {scene.name: scene for scene in read_scenes(args.set)}
+    names = list(load_flickr30k(args.set / "captions.txt"))
+    missing = [name for name in names if name not in scenes]
+    if missing:
+        raise ValueError(f"{len(missing)} images of {args.set / 'captions.txt'} have no scene in "
+                         f"scenes.jsonl (first: {missing[0]})")
+    train_names, held_out = seed_split(names, seed=42, train_frac=0.9)
+    with Image.open(args.set / "images" / names[0]) as first:
+        side = first.size[0]
+    cfg = dataclasses.replace(preset_config(args.preset), image_size=args.image_size)
+    captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(args.seed))
+    grid = cfg.head.pool_size
+
+    def load(keys: list[str]) -> tuple[np.ndarray, SceneTargets]:
+        cache = ImageCache(args.set / "images", keys, args.image_size, progress=not args.quiet)
+        if cache.problems:
+            raise ValueError(f"{len(cache.problems)} images cannot be read: {cache.problems[0]}")
+        return cache.pixels, scene_targets([scenes[k] for k in keys], grid, side)
+
+    started = time.time()
+    pixels, targets = load(train_names)
+    settings = PretrainSettings(args.steps, args.batch_size, args.lr, seed=args.seed)
+    probe, losses = pretrain(captioner, pixels, targets, settings, progress=not args.quiet)
+    accuracy = held_out_accuracy(probe, *load(held_out))
+    provenance = {"created_by": "python -m lensjax.scene_pretrain",
+                  "note": "encoder and head pretrained on the synthetic set's scene labels; "
+                          "the other components are random",
+                  "set": str(args.set), "steps": args.steps, "image_size": args.image_size,
+                  "final_loss": losses[-1], "held_out_accuracy": accuracy,
+                  "seconds": round(time.time() - started)}
+    CaptionModel(captioner, {"provenance": provenance}).save(args.out, overwrite=args.overwrite)
+    return accuracy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        accuracy = run(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"held-out accuracy ({args.set}): " + ", ".join(
+        f"{name} {value:.3f}" for name, value in accuracy.items()))
+    print(f"wrote {args.out}")
+    return EXIT_DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

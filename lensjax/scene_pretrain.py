@@ -40,7 +40,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from lensjax.api import CaptionModel
-from lensjax.cli import EXIT_BAD_INPUT, EXIT_DONE, CliParser, finite_float, int_in
+from lensjax.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_NON_FINITE,
+    CliParser,
+    finite_float,
+    int_in,
+)
 from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.image_cache import ImageCache
 from lensjax.data.images import IMAGENET_MEAN, IMAGENET_STD
@@ -238,18 +246,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="side in pixels the images are resized to; recorded in the "
                         "checkpoint, so extraction and captioning use it (default: 128, "
                         "where the encoder's maps line up with the 8x8 token grid)")
-    parser.add_argument("--steps", type=int_in(1), default=PretrainSettings.steps)
-    parser.add_argument("--batch-size", type=int_in(1), default=PretrainSettings.batch_size)
+    parser.add_argument("--steps", type=int_in(1), default=PretrainSettings.steps,
+                        help=f"training steps (default: {PretrainSettings.steps})")
+    parser.add_argument("--batch-size", type=int_in(1), default=PretrainSettings.batch_size,
+                        help=f"images per step (default: {PretrainSettings.batch_size})")
     parser.add_argument("--lr", type=finite_float(0), default=PretrainSettings.learning_rate,
-                        help="peak learning rate (Adam, warm-up then cosine decay)")
-    parser.add_argument("--seed", type=int_in(0), default=0)
+                        help="peak learning rate (Adam, warm-up then cosine decay; default: "
+                        f"{PretrainSettings.learning_rate:g})")
+    parser.add_argument("--seed", type=int_in(0), default=0,
+                        help="seed of the initial weights, the read-outs and the batch order")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Pretrain and save; -> the held-out accuracies (also in the checkpoint's provenance)."""
+    """Pretrain and save; -> the held-out accuracies (also in the checkpoint's provenance).
+    ValueError (or OSError) for input it cannot use, before any training."""
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
     scenes = {scene.name: scene for scene in read_scenes(args.set)}
     names = list(load_flickr30k(args.set / "captions.txt"))
     missing = [name for name in names if name not in scenes]
@@ -259,7 +274,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_names, held_out = seed_split(names, seed=42, train_frac=0.9)
     with Image.open(args.set / "images" / names[0]) as first:
         side = first.size[0]
-    cfg = dataclasses.replace(preset_config(args.preset), image_size=args.image_size)
+    cfg = preset_config(args.preset)
+    if not family_of(cfg).captioner or cfg.encoder is None or cfg.head is None:
+        raise ValueError(f"preset {args.preset!r} has no ConvNeXt encoder and head to train")
+    cfg = dataclasses.replace(cfg, image_size=args.image_size)
     captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(args.seed))
     grid = cfg.head.pool_size
 
@@ -291,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FloatingPointError as error:
+        print(f"error: {error}; try a lower --lr (nothing was written)", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"held-out accuracy ({args.set}): " + ", ".join(
         f"{name} {value:.3f}" for name, value in accuracy.items()))
     print(f"wrote {args.out}")

@@ -95,8 +95,13 @@ def test_cli_writes_a_captioner_checkpoint_at_its_image_size(tmp_path, capsys):
     provenance = model.metadata["provenance"]
     assert provenance["steps"] == 3 and set(provenance["held_out_accuracy"]) >= {"kind"}
     assert model.encode(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 64, 48)
-    # refuses to overwrite, and names a set without scenes
+    # refuses to overwrite (before training), a preset without an encoder, and names a set
+    # without scenes
     assert main([str(tmp_path / "set"), "--out", str(out), "--steps", "1", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(tmp_path / "set"), "--out", str(tmp_path / "c"), "--preset", "clip-tiny",
+                 "--quiet"]) == 2
+    assert "no ConvNeXt encoder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "scenes.jsonl" in capsys.readouterr().err

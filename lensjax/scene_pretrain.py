@@ -46,12 +46,13 @@ from lensjax.cli import (
     EXIT_INTERRUPTED,
     EXIT_NON_FINITE,
     CliParser,
+    describe_os_error,
     finite_float,
     int_in,
 )
 from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.image_cache import ImageCache
-from lensjax.data.images import IMAGENET_MEAN, IMAGENET_STD
+from lensjax.data.images import normalise
 from lensjax.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, read_scenes
 from lensjax.models.families import family_of, preset_config
 from lensjax.models.layers import Linear
@@ -181,7 +182,7 @@ def pretrain(captioner: nnx.Module, pixels: np.ndarray, targets: SceneTargets,
     def step(params, opt_state, images, batch_targets):
         def loss_of(params):
             module = nnx.merge(graphdef, params, rest)
-            return scene_loss(module(_normalise(images)), batch_targets)
+            return scene_loss(module(normalise(images)), batch_targets)
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -208,18 +209,13 @@ def pretrain(captioner: nnx.Module, pixels: np.ndarray, targets: SceneTargets,
     return probe, losses
 
 
-def _normalise(pixels: jax.Array) -> jax.Array:
-    """uint8 (B, H, W, 3) -> ImageNet-normalised float32 on the device (`normalise`'s sum)."""
-    return (pixels.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
 def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTargets,
                       batch_size: int = 100) -> dict[str, float]:
     """Accuracy of a trained probe on uint8 images (N, H, W, 3) it did not train on: kind,
     colour and size at each shape's centre cell, background per image, and "empty" (cells
     without a shape read as none)."""
     graphdef, state = nnx.split(probe)
-    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(_normalise(x)))
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(normalise(x)))
     outputs = [[], [], [], []]
     for start in range(0, len(pixels), batch_size):
         chunk = jnp.asarray(pixels[start : start + batch_size])
@@ -306,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         accuracy = run(args)
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as error:

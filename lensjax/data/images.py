@@ -177,7 +177,9 @@ def resize(image: Image.Image, size: int = 224) -> np.ndarray:
 
 
 def normalise(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB pixels (..., 3) -> float32, scaled to [0, 1] and ImageNet-normalised."""
+    """uint8 RGB pixels (..., 3) -> float32, scaled to [0, 1] and ImageNet-normalised. A jax
+    array gives a jax array, so a jitted step can take uint8 batches and normalise them on the
+    device."""
     return (pixels.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 

@@ -105,6 +105,16 @@ class Linear(nnx.Linear):
         self.kernel = nnx.Param(jnp.asarray(kernel, dtype))
         self.transposed = transposed
 
+    def output_weight(self) -> jax.Array:
+        """The kernel as an (out, in) matrix, a LoRA adapter merged in: what
+        `lensjax.models.output_loss` reads."""
+        kernel = self.kernel[...]
+        kernel = kernel if self.transposed else kernel.T
+        if self.lora is None:
+            return kernel
+        a, b, scale = self.lora
+        return kernel + (scale * (a @ b)).T.astype(kernel.dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., in) -> (..., out), in x's dtype."""
         kernel = self.kernel[...]

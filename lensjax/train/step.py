@@ -38,12 +38,18 @@ def caption_loss(logits: jax.Array, targets: jax.Array, lengths: jax.Array,
     "seed" (LensToWords' exactly): every 50256 target is ignored, so the model never learns to
     stop. "eos": also trains the first 50256 after the caption, so generation ends by itself.
     """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return mean_counted(losses, targets, lengths, mode)
+
+
+def mean_counted(losses: jax.Array, targets: jax.Array, lengths: jax.Array,
+                 mode: LossMode = "eos") -> jax.Array:
+    """The mean of per-position losses (B, T) over the positions `caption_loss` counts."""
     counted = targets != EOS_ID
     if mode == "eos":
         counted |= jnp.arange(targets.shape[1])[None, :] == lengths[:, None]
     elif mode != "seed":
         raise ValueError(f"unknown loss {mode!r}: use 'seed' or 'eos'")
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(losses * counted) / jnp.maximum(jnp.sum(counted), 1)
 
 
@@ -231,9 +237,10 @@ class Trainer:
         features = features.astype(self.dtype)
         if self.from_pixels:
             features = model.encode(features, remat=remat)
-        logits = model(features, batch.inputs,
-                       rngs=None if key is None else nnx.Rngs(dropout=key), remat=remat)
-        return caption_loss(logits, batch.targets, batch.lengths, self._loss)
+        losses = model.token_losses(features, batch.inputs, batch.targets,
+                                    rngs=None if key is None else nnx.Rngs(dropout=key),
+                                    remat=remat)
+        return mean_counted(losses, batch.targets, batch.lengths, self._loss)
 
     def _build_eval(self) -> Callable:
         def evaluate(state: TrainState, batch: Batch) -> jax.Array:

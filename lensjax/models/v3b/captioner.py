@@ -22,6 +22,7 @@ from lensjax.models.convnext import ConvNeXtConfig, HeadConfig
 from lensjax.models.decoding import DecodePrefix, KVCacheDecoding
 from lensjax.models.encoding import ImageEncoding
 from lensjax.models.kv_cache import KVCache
+from lensjax.models.output_loss import output_cross_entropy
 from lensjax.models.v3b.gpt2 import GPT2Config, GPT2Decoder, Mode
 from lensjax.models.v3b.perceiver import PerceiverConfig
 
@@ -166,3 +167,15 @@ class Captioner(ImageEncoding, KVCacheDecoding):
         """
         latents = self.resample(features, rngs=rngs)
         return self.gpt2(input_ids, latents, mode=self.cfg.mode, rngs=rngs, remat=remat)
+
+    def token_losses(
+        self, features: jax.Array, input_ids: jax.Array, targets: jax.Array, *,
+        rngs: nnx.Rngs | None = None, remat: bool = False,
+    ) -> jax.Array:
+        """Features (B, S, feature_dim), ids and targets (B, T) int -> cross-entropy of each
+        position float32 (B, T), as from `__call__`'s logits, without forming them
+        (`lensjax.models.output_loss`)."""
+        latents = self.resample(features, rngs=rngs)
+        hidden = self.gpt2.hidden_states(input_ids, latents, mode=self.cfg.mode, rngs=rngs,
+                                         remat=remat)
+        return output_cross_entropy(hidden, self.gpt2.wte.embedding[...], None, targets)

@@ -304,6 +304,27 @@ class GPT2Decoder(nnx.Module):
                                (((hidden.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        latents: jax.Array,
+        *,
+        mode: Mode = "inject",
+        rngs: nnx.Rngs | None = None,
+        remat: bool = False,
+    ) -> jax.Array:
+        """input_ids (B, T) int, latents (B, L, n) -> final hidden states (B, T, n), after
+        `ln_f`: what the tied LM head reads.
+
+        In prepend mode the L latent positions are dropped. `remat`: gradient checkpointing of
+        every block (see `transform`).
+        """
+        prepend = mode == "prepend"
+        x = self.embed(input_ids, latents if prepend else None)
+        hidden, _ = self.transform(x, None if prepend else self.cross_kv(latents), rngs=rngs,
+                                   remat=remat)
+        return hidden[:, latents.shape[1] :] if prepend else hidden
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -313,15 +334,7 @@ class GPT2Decoder(nnx.Module):
         rngs: nnx.Rngs | None = None,
         remat: bool = False,
     ) -> jax.Array:
-        """input_ids (B, T) int, latents (B, L, n) -> logits float32 (B, T, vocab).
-
-        In prepend mode the logits of the L latent positions are dropped. `remat`: gradient
-        checkpointing of every block (see `transform`).
-        """
-        prepend = mode == "prepend"
-        x = self.embed(input_ids, latents if prepend else None)
-        hidden, _ = self.transform(x, None if prepend else self.cross_kv(latents), rngs=rngs,
-                                   remat=remat)
-        if prepend:
-            hidden = hidden[:, latents.shape[1] :]
-        return self.lm_logits(hidden)
+        """input_ids (B, T) int, latents (B, L, n) -> logits float32 (B, T, vocab)
+        (`hidden_states` through the tied LM head)."""
+        return self.lm_logits(self.hidden_states(input_ids, latents, mode=mode, rngs=rngs,
+                                                 remat=remat))

@@ -17,14 +17,18 @@ examples:
       --gpt2 weights/gpt2 --out weights/v3b
   python -m bridge import --family v3a --projection-head weights/best_projection_head.pth \
       --decoder weights/best_decoder.pth --out weights/v3a
+  python -m bridge import --family v2 --keras best_model.keras --vocab vocab.txt \
+      --inception inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 --out weights/v2
   python -m bridge export weights/v3b --out exported/
   python -m bridge inspect weights/best_perciever.pth
 
 Families: v3b (--perceiver, --gpt2-blocks, --cross-attention, --gpt2; the default) and v3a
 (--projection-head, --decoder: the v3a notebook's files); both take --encoder and
---encoder-head. v3b's layouts (notebook = the released files, src = LensToWords'
-src/model.py) are detected from the keys. .pth files are read with
-torch.load(weights_only=True) only: pickled code is refused.
+--encoder-head. v1 and v2 (--keras, --vocab, optionally --inception) read the notebooks'
+best_model.keras with h5py alone (no TensorFlow) and keep the vocabulary in the checkpoint.
+v3b's layouts (notebook = the released files, src = LensToWords' src/model.py) are
+detected from the keys. .pth files are read with torch.load(weights_only=True) only:
+pickled code is refused.
 import refuses NaN or infinite weights; export checks every array of the checkpoint against
 the checksum saved with it. --out must not be, contain or lie inside an input.
 
@@ -49,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "Every problem (missing, unexpected or mis-shaped keys, NaN or infinite weights) of "
         "every file is listed in one error.",
     )
-    imp.add_argument("--family", choices=("v3b", "v3a", "clip"), default="v3b",
+    imp.add_argument("--family", choices=("v3b", "v3a", "v2", "v1", "clip"), default="v3b",
                      help="which generation the files are, or clip for the CLIP scorer of "
                      "v3d's filter (default: v3b)")
     v3b = imp.add_argument_group("v3b files (all four needed)")
@@ -64,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     v3a.add_argument("--projection-head", type=Path, help="best_projection_head.pth")
     v3a.add_argument("--decoder", type=Path,
                      help="best_decoder.pth (the Transformer, with its positional_encoding)")
+    words = imp.add_argument_group("v1/v2 files (--keras and --vocab needed)")
+    words.add_argument("--keras", type=Path,
+                       help="the notebook's best_model.keras (its ModelCheckpoint file)")
+    words.add_argument("--vocab", type=Path,
+                       help="its vocabulary: vectorizer.get_vocabulary() one word per line, "
+                       "the first line empty (padding)")
+    words.add_argument("--inception", type=Path,
+                       help="InceptionV3 weights: keras.applications' "
+                       "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, or a "
+                       "torchvision inception_v3 state dict (.pth); without it the "
+                       "checkpoint captions pre-computed features only")
     clip = imp.add_argument_group("clip weights (one of)").add_mutually_exclusive_group()
     clip.add_argument("--hf", type=Path, help="an HF CLIPModel folder (or model.safetensors)")
     clip.add_argument("--openai", type=Path,
@@ -133,7 +148,9 @@ def _inspect(files: list[Path]) -> None:
 
 
 IMPORT_FILES = ("perceiver", "gpt2_blocks", "cross_attention", "gpt2", "projection_head",
-                "decoder", "encoder", "encoder_head", "hf", "openai", "open_clip")
+                "decoder", "encoder", "encoder_head", "hf", "openai", "open_clip", "keras",
+                "vocab", "inception")
+KERAS_FILES = ("keras", "vocab", "inception")
 
 
 def _import_files(args: argparse.Namespace) -> dict[str, Path | str]:
@@ -171,8 +188,32 @@ def main(argv: list[str] | None = None) -> int:
                 clip_model.save(args.out, overwrite=args.force)
                 print(f"wrote {args.out} ({clip_model.config.describe()})")
                 return 0
+            files = _import_files(args)
+            if args.family in ("v1", "v2"):
+                from bridge.keras_models import import_keras
+
+                other = sorted(set(files) - set(KERAS_FILES))
+                missing = [name for name in ("keras", "vocab") if name not in files]
+                if other or missing:
+                    raise BridgeError(f"a {args.family} import reads --keras, --vocab and "
+                                      "optionally --inception"
+                                      + (f"; missing: --{', --'.join(missing)}" if missing
+                                         else "")
+                                      + (f"; not {args.family} files: --"
+                                         + ", --".join(n.replace('_', '-') for n in other)
+                                         if other else ""))
+                model = import_keras(args.family, files["keras"], files["vocab"],
+                                     files.get("inception"), log=print)
+                model.save(args.out, overwrite=args.force)
+                encoder = "" if "inception" in files else \
+                    "; no InceptionV3: it captions pre-computed features only"
+                print(f"wrote {args.out} ({model.config.describe()}{encoder})")
+                return 0
+            if set(files) & set(KERAS_FILES):
+                raise BridgeError("--keras, --vocab and --inception are v1/v2 files: pass "
+                                  "--family v1 or --family v2")
             model = import_model(family=args.family, preset=args.preset, seed=args.seed,
-                                 log=print, **_import_files(args))
+                                 log=print, **files)
             model.save(args.out, overwrite=args.force)
             missing = [c for c, r in model.metadata["components"].items()
                        if r.get("status") == "absent"]

@@ -25,8 +25,10 @@ from lensjax.checkpoint import (
 )
 from lensjax.checks import SEED_MAX, check_bool, check_int, check_real
 from lensjax.data.images import load_image, read_file_bytes
-from lensjax.data.tokenizer import GPT2Tokenizer
+from lensjax.data.tokenizer import EOS_ID, GPT2Tokenizer
+from lensjax.data.word_vocab import WORDS, WordVocabulary
 from lensjax.generate import (
+    PERIOD_ID,
     DecodeOptions,
     Method,
     bucket_for,
@@ -43,8 +45,8 @@ from lensjax.runtime import Layout, inference_module, resolve_dtype
 
 
 class CaptionModel:
-    """A captioner of any family (`lensjax.models.families`: v3b, v3a) plus its metadata
-    (components, provenance), with jitted entry points."""
+    """A captioner of any family (`lensjax.models.families`: v3b, v3a, v2, v1) plus its
+    metadata (tokenizer, components, provenance), with jitted entry points."""
 
     def __init__(self, module: nnx.Module, metadata: Mapping[str, Any] | None = None, *,
                  dtype: str = "float32", layout: Layout = "auto"):
@@ -67,7 +69,7 @@ class CaptionModel:
         self._encode = jax.jit(encode)
         self._logits = jax.jit(logits)
         self._decode = jax.jit(functools.partial(decode, graphdef), static_argnames="options")
-        self._tokenizer: GPT2Tokenizer | None = None
+        self._tokenizer: GPT2Tokenizer | WordVocabulary | None = None
         self._words: frozenset[str] | None = None
 
     @classmethod
@@ -89,7 +91,8 @@ class CaptionModel:
         return flat_params(self.module)
 
     def encode(self, images: np.ndarray | jax.Array) -> jax.Array:
-        """ImageNet-normalised float32 NHWC images (B, 224, 224, 3) -> features (B, 64, 768)."""
+        """ImageNet-normalised float32 NHWC images (B, H, W, 3) at the model's `image_size`
+        -> features (v3b (B, 64, 768), v3a (B, 64, 768), v2 (B, 64, 2048), v1 (B, 2048))."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(
@@ -108,7 +111,9 @@ class CaptionModel:
 
     def logits(self, features: np.ndarray | jax.Array, input_ids: np.ndarray | jax.Array
                ) -> jax.Array:
-        """Features (B, 64, feature_dim), ids int (B, T) -> float32 logits (B, T, vocab)."""
+        """Features (B, 64, feature_dim), or (B, feature_dim) for v1, and ids int (B, T) ->
+        float32 logits (B, T, vocab); position t predicts the token after ids[:, :t+1] (for
+        v1/v2 the ids are word indices, 0 = padding)."""
         features = self._check_features(features)
         input_ids = np.asarray(input_ids)
         vocab = self.config.vocab_size
@@ -126,17 +131,20 @@ class CaptionModel:
         return self._logits(self.state, jnp.asarray(features), jnp.asarray(input_ids, jnp.int32))
 
     @property
-    def tokenizer(self) -> GPT2Tokenizer:
-        """The GPT-2 tokenizer (offline default), created on first use."""
+    def tokenizer(self) -> GPT2Tokenizer | WordVocabulary:
+        """The checkpoint's tokenizer, made on first use: the GPT-2 BPE (offline default), or
+        for v1/v2 their word vocabulary (stored in the checkpoint)."""
         if self._tokenizer is None:
-            self._tokenizer = GPT2Tokenizer()
+            entry = self.metadata.get("tokenizer", GPT2_TOKENIZER)
+            self._tokenizer = (WordVocabulary.from_metadata(entry) if entry["name"] == WORDS
+                               else GPT2Tokenizer())
         return self._tokenizer
 
     def generate(
         self,
         features: np.ndarray | jax.Array,
         method: Method = "topk",
-        max_new_tokens: int = 50,
+        max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
         top_k: int | None = None,
         temperature: float | None = None,
@@ -144,19 +152,26 @@ class CaptionModel:
         alpha: float = 0.7,
         seed: int = 0,
         *,
-        stop_at_period: bool = True,
+        stop_at_period: bool | None = None,
         stop_on_repeat: bool | None = None,
         retry: bool | None = None,
         batch_size: int = 32,
         identities: Sequence[int] | None = None,
+        argsort_quirk: bool = False,
     ) -> np.ndarray:
         """Caption tokens for features float32 (B, 64, D) -> int32 (B, max_new_tokens).
 
-        Tokens exclude the BOS; each row is EOS (50256) after its end. Methods: "greedy",
-        "topk" (temperature 0 is greedy), "beam" (beam_width 5, alpha 0.7). `top_k`,
-        `temperature` and `retry` (LensToWords' resampling of degenerate top-k captions)
-        default to the family's sampler: v3b top-k 20 at 0.7 with the retry rule, v3a top-k
-        50 at 1.0 without it. Batches of at most `batch_size` are padded to a few fixed sizes,
+        Tokens exclude the BOS; each row is EOS (50256; v1/v2: `<end>`) after its end.
+        `max_new_tokens` None: 50, or the model's longest caption where that is shorter (v1/v2:
+        their `max_len`, 40).
+        Methods: "greedy", "topk" (temperature 0 is greedy), "beam" (beam_width 5, alpha
+        0.7). `top_k`, `temperature`, `retry` (LensToWords' resampling of degenerate top-k
+        captions), `stop_at_period` and `stop_on_repeat` (three equal tokens; None: on except
+        in beam search) default to the family's sampler: v3b top-k 20 at 0.7 with the retry
+        rule, v3a top-k 50 at 1.0 without it, both stopping at a period; v1/v2 greedy to
+        `<end>` only, and the v2 notebook's beam search (`ranked_beam_search`: never `[UNK]`;
+        `argsort_quirk` proposes what the notebook's `np.argsort` slip did, for exact
+        reproduction). Batches of at most `batch_size` are padded to a few fixed sizes,
         compiled once each.
 
         A row's sampling keys come from `seed` and its identity: `identities[i]` (an int in
@@ -166,18 +181,29 @@ class CaptionModel:
         (`caption` does). Every argument is checked before any work (ValueError naming it).
         """
         defaults = self.family.decoding
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens)
         top_k = defaults["top_k"] if top_k is None else top_k
         temperature = defaults["temperature"] if temperature is None else temperature
         retry = defaults["retry"] if retry is None else retry
+        if stop_at_period is None:
+            stop_at_period = defaults["stop_at_period"]
+        if stop_on_repeat is None:
+            stop_on_repeat = defaults["stop_on_repeat"]
         check_int("batch_size", batch_size, 1)
         check_int("seed", seed, 0, SEED_MAX)
         check_real("alpha", alpha)
         temperature = check_real("temperature", temperature, 0.0)
         check_bool("retry", retry)
+        check_bool("argsort_quirk", argsort_quirk)
         if method == "topk" and temperature == 0.0:
             method = "greedy"
+        words = isinstance(self.tokenizer, WordVocabulary)
         options = DecodeOptions(method, max_new_tokens, min_new_tokens, top_k, beam_width,
-                                stop_at_period, stop_on_repeat)
+                                stop_at_period, stop_on_repeat,
+                                self.tokenizer.end_id if words else EOS_ID,
+                                self.tokenizer.period_id if words else PERIOD_ID,
+                                defaults["beam_rule"], argsort_quirk=argsort_quirk)
         check_int("top_k", top_k, 1, self.config.vocab_size)
         check_int("beam_width", beam_width, 1, self.config.vocab_size)
         check_int("max_new_tokens", max_new_tokens, 1, self.config.max_new_tokens)
@@ -234,8 +260,7 @@ class CaptionModel:
         """`encode` in batches padded to bucket sizes (bounded compiles) -> numpy features."""
         check_int("batch_size", batch_size, 1)
         if not len(images):
-            tokens = self.config.head.pool_size ** 2 if self.config.head else 0
-            return np.zeros((0, tokens, self.config.feature_dim), np.float32)
+            return np.zeros((0, *self.feature_shape), np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             chunk = np.asarray(images[start : start + batch_size], np.float32)
@@ -280,10 +305,26 @@ class CaptionModel:
                                **options)
         return [self.tokenizer.decode_caption(row) for row in tokens]
 
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """One image's features: (tokens, feature_dim), or (feature_dim,) for pooled ones."""
+        width = self.config.feature_dim
+        if self.config.pooled_features:
+            return (width,)
+        # the ConvNeXt head's pooled grid, or v2's mixed10 (8x8 at 299 px)
+        return (self.config.head.pool_size ** 2 if self.config.head else 64, width)
+
     def _check_features(self, features: np.ndarray | jax.Array) -> np.ndarray:
-        """Features as float32 numpy (B, S >= 1, feature_dim), all finite; else ValueError."""
+        """Features as float32 numpy (B, S >= 1, feature_dim), or (B, feature_dim) for a model
+        with pooled features, all finite; else ValueError."""
         features = np.asarray(features, np.float32)
         width = self.config.feature_dim
+        if self.config.pooled_features:
+            if features.ndim != 2 or features.shape[-1] != width:
+                raise ValueError(f"features must be (B, {width}) (one pooled vector per "
+                                 f"image), got {tuple(features.shape)}")
+            _check_finite("features", features)
+            return features
         if features.ndim != 3 or features.shape[-1] != width:
             raise ValueError(f"features must be (B, S, {width}), got {tuple(features.shape)}")
         if features.shape[1] == 0:
@@ -309,6 +350,7 @@ class CaptionModel:
         return save_checkpoint(path, params, metadata, overwrite=overwrite)
 
 
+DEFAULT_MAX_NEW_TOKENS = 50
 MIN_IMAGE_SIDE = 32  # ConvNeXt downsamples by 32 before its last stage
 
 

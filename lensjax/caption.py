@@ -104,11 +104,16 @@ def _parser() -> CliParser:
                         "family's, 0.7 for v3b, 1.0 for v3a)")
     parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
                         help="sampling seed, 0..2**63-1 (default 0)")
-    parser.add_argument("--max-new-tokens", type=int_in(1), default=50,
-                        help=">= 1 (default 50)")
+    parser.add_argument("--max-new-tokens", type=int_in(1),
+                        help=">= 1 (default 50, or the model's longest caption where that is "
+                        "shorter: 40 words for v1/v2)")
     parser.add_argument("--min-new-tokens", type=int_in(0), default=0,
                         help="no stop rule ends a caption before this many tokens; 0.."
                         "--max-new-tokens (default 0)")
+    parser.add_argument("--argsort-quirk", action="store_true",
+                        help="v1/v2 beam search: propose what the v2 notebook's np.argsort "
+                        "slip proposed (it drops the best word unless [UNK] is among the "
+                        "beam width + 1 most likely), to reproduce its captions exactly")
     parser.add_argument("--no-retry", action="store_true",
                         help="do not resample degenerate top-k captions (LensToWords' v3b "
                         "does; v3a never did)")
@@ -131,7 +136,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check every argument; a bad one exits 2 with one `error:` line naming it."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.min_new_tokens > args.max_new_tokens:
+    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
         parser.error(f"argument --min-new-tokens: must be in 0..--max-new-tokens "
                      f"({args.max_new_tokens}), got {args.min_new_tokens}")
     if not (args.paths or args.image):
@@ -148,7 +153,7 @@ def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         top_k=args.top_k, temperature=args.temperature, beam_width=args.beam_width,
         alpha=args.alpha, seed=args.seed, retry=False if args.no_retry else None,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, argsort_quirk=args.argsort_quirk,
     )
 
 

@@ -1,7 +1,8 @@
 """python -m lensjax.extract: encode images once into an LMDB feature cache.
 
 The cache has LensToWords' format (key = image file name, value = float16 (64, 768) bytes), so
-the original's training code can read it too. Extraction is resumable: keys already in the
+the original's training code can read it too; v1/v2's InceptionV3 features are (2048,) and
+(64, 2048) per image. Extraction is resumable: keys already in the
 cache are skipped, and writes are committed in chunks, so a killed run loses at most the last
 chunk and a rerun of the same command completes it.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bridge.io import BridgeError
 from lensjax.api import CaptionModel
 from lensjax.caption import load_encoding_model
 from lensjax.checkpoint import CheckpointError
@@ -49,6 +51,8 @@ examples:
   python -m lensjax.extract data/flickr30k/images --weights weights/v3b --out features/flickr
   python -m lensjax.extract 'photos/**/*.jpg' --recursive --weights weights/v3b \\
       --out features/photos --shards 2
+  python -m lensjax.extract data/instagram/images --family v2 \\
+      --inception inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 --out features/v2
 
 The cache is keyed by file name, as LensToWords' caches are: two inputs with the same file
 name are an error (the same file reached twice, through a link or two arguments, is encoded
@@ -69,8 +73,17 @@ def _parser() -> CliParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--weights", required=True, type=Path,
-                        help="lensjax checkpoint directory with an image encoder")
+    encoder = parser.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--weights", type=Path,
+                         help="lensjax checkpoint directory with an image encoder (its family "
+                         "says which features)")
+    encoder.add_argument("--inception", type=Path,
+                         help="InceptionV3 weights for v1/v2 features without a checkpoint "
+                         "(keras.applications' .h5, or a torchvision state dict); needs "
+                         "--family")
+    parser.add_argument("--family", choices=("v1", "v2"),
+                        help="with --inception: v1's pooled (2048,) or v2's (64, 2048) "
+                        "features")
     parser.add_argument("--out", required=True, type=Path,
                         help="feature cache folder (created, or resumed if it exists)")
     parser.add_argument("--shards", type=int_in(1), default=6,
@@ -163,7 +176,7 @@ def extract(
                         ("commit_every", commit_every)):
         if value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    shape = (model.config.head.pool_size ** 2, model.config.feature_dim)
+    shape = model.feature_shape
     out = Path(out)
     existed = out.exists()
     fresh = not existed or (out.is_dir() and not any(out.iterdir()))
@@ -244,7 +257,12 @@ def run(args: argparse.Namespace) -> int:
     for skipped in found.skipped:
         print(f"skipped: {skipped}", file=sys.stderr)
     _check_unique_names(found.paths)
-    model = load_encoding_model(args.weights)
+    if args.inception is not None:
+        from bridge.keras_models import inception_model
+
+        model = inception_model(args.family, args.inception)
+    else:
+        model = load_encoding_model(args.weights)
     start = time.time()
     written, errors = extract(
         model, found.paths, args.out, shards=args.shards, batch_size=args.batch_size,
@@ -262,7 +280,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line -> exit status (0 all encoded, 1 some skipped, 2 nothing encoded or
     an error, 130 interrupted)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.inception is None) != (args.family is None):
+        parser.error("--family and --inception go together (v1/v2 features without a "
+                     "checkpoint); with --weights the checkpoint's family decides")
     try:
         return run(args)
     except KeyboardInterrupt as interrupt:
@@ -274,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kept = f"no image was committed; {args.out} was not created"
         print(f"interrupted: {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CheckpointError, OSError, ValueError, RuntimeError) as error:
+    except (CheckpointError, OSError, ValueError, RuntimeError, BridgeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

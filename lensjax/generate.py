@@ -31,6 +31,7 @@ from lensjax.models.decoding import Decodable
 
 PERIOD_ID = 764  # "."
 Method = Literal["greedy", "topk", "beam"]
+BeamRule = Literal["v3b", "v2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,10 @@ class DecodeOptions:
 
     `stop_on_repeat` None means LensToWords' choice: on for greedy and top-k, off for beam.
     `eos_id` ends a row (as token 0 does): GPT-2's 50256, or a word vocabulary's `<end>`;
-    `period_id` is the token `stop_at_period` stops after.
+    `period_id` is the token `stop_at_period` stops after. `beam_rule` picks the beam search:
+    "v3b" (`beam_search`) or "v2" (`ranked_beam_search`, the v2 notebook's), which never
+    proposes `unk_id` and, with `argsort_quirk`, proposes exactly what the notebook's
+    `np.argsort` slip did.
     """
 
     method: Method = "topk"
@@ -51,6 +55,9 @@ class DecodeOptions:
     stop_on_repeat: bool | None = None
     eos_id: int = EOS_ID
     period_id: int = PERIOD_ID
+    beam_rule: BeamRule = "v3b"
+    unk_id: int = 1
+    argsort_quirk: bool = False
 
     def __post_init__(self):
         if self.method not in ("greedy", "topk", "beam"):
@@ -64,6 +71,10 @@ class DecodeOptions:
             check_bool("stop_on_repeat", self.stop_on_repeat)
         check_int("eos_id", self.eos_id, 0)
         check_int("period_id", self.period_id, 0)
+        if self.beam_rule not in ("v3b", "v2"):
+            raise ValueError(f"unknown beam rule {self.beam_rule!r}: use v3b or v2")
+        check_int("unk_id", self.unk_id, 0)
+        check_bool("argsort_quirk", self.argsort_quirk)
 
     @property
     def repeat_stop(self) -> bool:
@@ -242,6 +253,95 @@ def beam_search(
     return jnp.where((top_norm > state.best_norm)[:, None], top_tokens, state.best_tokens)
 
 
+class _RankedState(NamedTuple):
+    step: jax.Array
+    tokens: jax.Array  # (B, W, max_new)
+    scores: jax.Array  # (B, W) summed log(p + 1e-9)
+    lengths: jax.Array  # (B, W) words in the beam, <start> included
+    ended: jax.Array  # (B, W) the beam's last word is `<end>`
+    cache: Any  # (h, c) per beam, reordered each step
+    logits: jax.Array  # (B*W, vocab)
+
+
+def _proposals(logits: jax.Array, width: int, unk: int, quirk: bool
+               ) -> tuple[jax.Array, jax.Array]:
+    """Each row's `width` proposed tokens and their log(p + 1e-9), as the v2 notebook takes
+    them: the `width` most likely tokens other than `unk`, or with `quirk` what its
+    `np.argsort(p)[-(w+1):]` (ascending) did after removing `unk` and keeping the first `w`:
+    the same set when `unk` is among the w+1 most likely, else those w+1 without the best.
+    (rows, V) -> 2 x (rows, width)."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    if not quirk:
+        values, tokens = lax.top_k(log_p.at[:, unk].set(-jnp.inf), width)
+    else:
+        values, tokens = lax.top_k(log_p, width + 1)  # descending
+        drop = tokens == unk
+        drop = drop.at[:, 0].set(drop[:, 0] | ~drop.any(axis=1))
+        keep = jnp.argsort(drop, axis=1, stable=True)[:, :width]
+        values = jnp.take_along_axis(values, keep, axis=1)
+        tokens = jnp.take_along_axis(tokens, keep, axis=1)
+    return jnp.log(jnp.exp(values) + 1e-9), tokens
+
+
+def ranked_beam_search(
+    model: Decodable, features: jax.Array, alpha: jax.Array, options: DecodeOptions
+) -> jax.Array:
+    """The v2 notebook's beam search, batched. features -> (B, max_new) best sequences.
+
+    Each live beam proposes `width` words (`_proposals`); a beam that has written `<end>` is
+    carried on unchanged. Every step keeps the `width` candidates with the best
+    score / len(seq) ** alpha (len counting `<start>`), and after `max_new` steps the best of
+    them wins. Unlike `beam_search`, ended and live beams compete on normalised scores at every
+    step. The decoder state (h, c) is reordered to the kept beams' parents each step.
+    """
+    batch, width, max_new = features.shape[0], options.beam_width, options.max_new_tokens
+    end = options.eos_id
+    prefix = model.start_decoding(features, width, max_new)
+    slots = jnp.arange(width, dtype=jnp.int32)
+    scores = jnp.where(slots == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
+
+    def choose(state: _RankedState) -> _RankedState:
+        step = state.step
+        logits = _mask_stops(state.logits, step, options.min_new_tokens, end)
+        values, proposed = _proposals(logits, width, options.unk_id, options.argsort_quirk)
+        values = values.reshape(batch, width, width)
+        proposed = proposed.reshape(batch, width, width)
+        # an ended beam's only candidate is itself: its first slot, unchanged
+        ended = state.ended[:, :, None]
+        first = slots[None, None, :] == 0
+        scores = jnp.where(ended, jnp.where(first, state.scores[:, :, None], -jnp.inf),
+                           state.scores[:, :, None] + values)
+        tokens = jnp.where(ended, end, proposed)
+        lengths = jnp.broadcast_to(state.lengths[:, :, None] + jnp.where(ended, 0, 1),
+                                   tokens.shape)
+        key = (scores / lengths.astype(jnp.float32) ** alpha).reshape(batch, width * width)
+        _, order = lax.top_k(key, width)  # descending, ties by index (Python's stable sort)
+        parents = order // width
+
+        def pick(x):
+            return jnp.take_along_axis(x.reshape(batch, width * width), order, axis=1)
+
+        new_tokens = pick(tokens)
+        history = jnp.take_along_axis(state.tokens, parents[:, :, None], axis=1)
+        history = lax.dynamic_update_slice(history, new_tokens[:, :, None], (0, 0, step))
+        return _RankedState(step + 1, history, pick(scores), pick(lengths),
+                            pick(jnp.broadcast_to(ended, tokens.shape)) | (new_tokens == end),
+                            model.reorder_state(state.cache, parents), state.logits)
+
+    def advance(state: _RankedState) -> _RankedState:
+        last = state.tokens[:, :, state.step - 1].reshape(-1)
+        logits, cache = model.decode_step(prefix.context, state.cache, last,
+                                          prefix.offset + state.step - 1)
+        return choose(state._replace(cache=cache, logits=logits))
+
+    state = choose(_RankedState(
+        jnp.int32(0), jnp.full((batch, width, max_new), end, jnp.int32), scores,
+        jnp.ones((batch, width), jnp.int32), jnp.zeros((batch, width), bool), prefix.cache,
+        prefix.logits))
+    state = lax.while_loop(lambda s: s.step < max_new, advance, state)
+    return state.tokens[:, 0]
+
+
 def decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -253,6 +353,8 @@ def decode(
 ) -> jax.Array:
     """Pure entry point for `jax.jit` (options static): -> int32 (B, max_new_tokens)."""
     model = nnx.merge(graphdef, state)
+    if options.method == "beam" and options.beam_rule == "v2":
+        return ranked_beam_search(model, features, alpha, options)
     if options.method == "beam":
         return beam_search(model, features, alpha, options)
     return sample(model, features, row_keys, temperature, options)

@@ -24,10 +24,21 @@ from types import MappingProxyType
 from lensjax.models.families import FAMILIES
 from lensjax.models.v3b.gpt2 import Mode
 
+
+def _merged_init_groups() -> Mapping[str, tuple[str, ...]]:
+    """Every family's initial-weight groups in one table; a group name two families define
+    must cover the same labels in both."""
+    merged: dict[str, tuple[str, ...]] = {}
+    for family in FAMILIES.values():
+        for group, labels in family.init_groups.items():
+            if merged.setdefault(group, labels) != labels:
+                raise RuntimeError(f"family {family.name}'s init group {group!r} covers "
+                                   f"{labels}, another family's {merged[group]}")
+    return MappingProxyType(merged)
+
+
 # Initial-weight groups of every family, and the optimizer labels (lensjax.optim) each covers.
-INIT_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    group: labels for family in FAMILIES.values()
-    for group, labels in family.init_groups.items()})
+INIT_GROUPS: Mapping[str, tuple[str, ...]] = _merged_init_groups()
 FRESH, PRETRAINED_GPT2 = "fresh", "gpt2"
 # Data set names a phase can name, and what each means.
 DATASETS: Mapping[str, str] = MappingProxyType({

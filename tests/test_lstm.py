@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lensjax.models.lstm import V1Decoder, v1_preset
+from lensjax.models.lstm import V1Decoder, v1_decoder
 
 VOCAB, MAX_LEN = 50, 8
 
@@ -42,7 +42,7 @@ def test_next_word_distributions_equal_the_notebooks_keras_model(fusion):
     dense = [layer for layer in reference.layers if type(layer).__name__ == "Dense"]
     (embedding,) = [layer for layer in reference.layers if type(layer).__name__ == "Embedding"]
     (lstm,) = [layer for layer in reference.layers if type(layer).__name__ == "LSTM"]
-    model = V1Decoder(v1_preset(fusion, VOCAB), rngs=nnx.Rngs(0))
+    model = V1Decoder(v1_decoder(fusion, VOCAB), rngs=nnx.Rngs(0))
     for ours, theirs in zip((model.image_dense1, model.image_dense2, model.merge_dense,
                              model.output), dense, strict=True):
         kernel, bias = theirs.get_weights()
@@ -72,30 +72,9 @@ def _keras_v2():
     """The notebook's final v2 model (attention version 4) at a small vocabulary, its
     TemporalImageAttention written as the notebook's."""
     keras = pytest.importorskip("keras")
-    import tensorflow as tf
     from keras import layers
 
-    class TemporalImageAttention(layers.Layer):
-        def __init__(self, attn_units=256, **kwargs):
-            super().__init__(**kwargs)
-            self.W_img = layers.Dense(attn_units)
-            self.W_txt = layers.Dense(attn_units)
-            self.V = layers.Dense(1)
-
-        def call(self, inputs, mask=None):
-            image_features, lstm_features = inputs
-            img_exp = tf.expand_dims(self.W_img(image_features), 1)
-            txt_exp = tf.expand_dims(self.W_txt(lstm_features), 2)
-            score = tf.squeeze(self.V(tf.nn.tanh(img_exp + txt_exp)), axis=-1)
-            txt_mask = tf.ones_like(score[:, :, 0], dtype=tf.float32)
-            if mask is not None:
-                txt_mask = tf.cast(mask[1], tf.float32)
-            score = score - (1.0 - tf.expand_dims(txt_mask, -1)) * 1e9
-            weights = tf.expand_dims(tf.nn.softmax(score, axis=2), -1)
-            return tf.reduce_sum(weights * tf.expand_dims(image_features, 1), axis=2)
-
-        def compute_mask(self, inputs, mask=None):
-            return mask[1] if mask is not None else None
+    from keras_notebooks import TemporalImageAttention
 
     image_input = layers.Input((64, 2048))
     patches = layers.Dense(256, name="image_dense")(image_input)
@@ -114,11 +93,11 @@ def _keras_v2():
 
 
 def test_v2_next_word_distributions_equal_the_notebooks_keras_model():
-    from lensjax.models.lstm import V2Config, V2Decoder
+    from lensjax.models.lstm import V2Decoder, V2DecoderConfig
 
     reference = _keras_v2()
     rng = np.random.default_rng(1)
-    model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(0))
+    model = V2Decoder(V2DecoderConfig(vocab_size=VOCAB), rngs=nnx.Rngs(0))
     attention = reference.get_layer("attention")
     pairs = [(getattr(model, n), reference.get_layer(n))
              for n in ("image_dense", "init_h", "init_c", "gate", "dense", "output")]
@@ -168,14 +147,14 @@ def _greedy_by_rerunning(model, features, steps, start_id):
 
 @pytest.mark.parametrize("family", ["v1", "v2"])
 def test_lstm_state_decoding_equals_rerunning_the_prefix(family):
-    from lensjax.models.lstm import V2Config, V2Decoder
+    from lensjax.models.lstm import V2Decoder, V2DecoderConfig
 
     rng = np.random.default_rng(2)
     if family == "v1":
-        model = V1Decoder(v1_preset("add", VOCAB), rngs=nnx.Rngs(3))
+        model = V1Decoder(v1_decoder("add", VOCAB), rngs=nnx.Rngs(3))
         features = rng.uniform(0, 1, (3, 2048)).astype(np.float32)
     else:
-        model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(3))
+        model = V2Decoder(V2DecoderConfig(vocab_size=VOCAB), rngs=nnx.Rngs(3))
         features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
     model.embedding[...] = rng.normal(0, 1.0, model.embedding.shape).astype(np.float32)
     with jax.default_matmul_precision("highest"):
@@ -186,7 +165,7 @@ def test_lstm_state_decoding_equals_rerunning_the_prefix(family):
 
 
 def test_beam_reorder_gathers_each_beams_parent_state():
-    model = V1Decoder(v1_preset("add", VOCAB), rngs=nnx.Rngs(0))
+    model = V1Decoder(v1_decoder("add", VOCAB), rngs=nnx.Rngs(0))
     h = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)  # row tags
     parents = np.array([[2, 2, 0], [1, 0, 0]])  # 2 images x 3 beams
     new_h, _ = model.reorder_state((h, h), parents)
@@ -195,10 +174,10 @@ def test_beam_reorder_gathers_each_beams_parent_state():
 
 def test_the_shared_decode_loops_run_an_lstm_with_its_own_end_token():
     from lensjax.generate import DecodeOptions, beam_search, sample
-    from lensjax.models.lstm import V2Config, V2Decoder
+    from lensjax.models.lstm import V2Decoder, V2DecoderConfig
 
     rng = np.random.default_rng(4)
-    model = V2Decoder(V2Config(vocab_size=VOCAB), rngs=nnx.Rngs(5))
+    model = V2Decoder(V2DecoderConfig(vocab_size=VOCAB), rngs=nnx.Rngs(5))
     model.embedding[...] = rng.normal(0, 1.0, model.embedding.shape).astype(np.float32)
     features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
     with jax.default_matmul_precision("highest"):

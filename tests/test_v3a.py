@@ -96,7 +96,9 @@ def test_kv_cached_greedy_equals_full_recompute(released):
 def test_default_sampler_is_the_originals_top_k_50_at_temperature_1(released):
     model = released("v3a-tiny")[3]
     features = _inputs(model.config)[0].numpy()
-    assert model.family.decoding == {"top_k": 50, "temperature": 1.0, "retry": False}
+    assert model.family.decoding == {"top_k": 50, "temperature": 1.0, "retry": False,
+                                     "stop_at_period": True, "stop_on_repeat": None,
+                                     "beam_rule": "v3b"}
     np.testing.assert_array_equal(
         model.generate(features, "topk", max_new_tokens=6, seed=3),
         model.generate(features, "topk", max_new_tokens=6, seed=3, top_k=50, temperature=1.0,

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 PAD, UNK, START, END = "", "[UNK]", "<start>", "<end>"
+WORDS = "words"  # the tokenizer name a word-vocabulary checkpoint records
 MAX_TOKENS = {"v1": 10_000, "v2": 8_000}
 # The phrases v2 dropped captions for (they carry no visual information).
 BAD_PHRASES = ("i love you", "thank you", "so cute", "amazing", "beautiful",
@@ -154,6 +155,40 @@ class WordVocabulary:
     def encode(self, text: str) -> list[int]:
         """Whitespace-split words -> indices, as the vectorizer maps them (unknown -> 1)."""
         return [self.index(word) for word in split_words(text)]
+
+    @property
+    def start_id(self) -> int:
+        """`<start>`'s index (2 when it is the most frequent word, the notebooks' fallback)."""
+        return self._index.get(START, 2)
+
+    @property
+    def end_id(self) -> int:
+        """`<end>`'s index (3 by the notebooks' fallback)."""
+        return self._index.get(END, 3)
+
+    @property
+    def period_id(self) -> int:
+        """The index of "." (1, `[UNK]`, when the vocabulary has no such word)."""
+        return self.index(".")
+
+    def to_metadata(self) -> dict[str, object]:
+        """The checkpoint's `tokenizer` entry (`lensjax.json`): the words themselves."""
+        return {"name": WORDS, "vocab_size": len(self), "words": list(self.words)}
+
+    @classmethod
+    def from_metadata(cls, entry: Mapping[str, object]) -> WordVocabulary:
+        """Inverse of `to_metadata`; VocabularyError naming what is wrong."""
+        words = entry.get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise VocabularyError("tokenizer.words must be a list of strings")
+        if entry.get("vocab_size") != len(words):
+            raise VocabularyError(f"tokenizer.vocab_size is {entry.get('vocab_size')!r} but "
+                                  f"tokenizer.words lists {len(words)}")
+        return cls(words)
+
+    def decode_caption(self, ids: Iterable[int]) -> str:
+        """Generated ids -> the caption (`decode`)."""
+        return self.decode(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Indices -> the caption's words joined by spaces, without padding, `<start>` and

@@ -8,7 +8,7 @@ import reprlib
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 def config_from_fields(kind: type, data: Any, where: str) -> Any:
@@ -50,6 +50,8 @@ def _field_value(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where} must be a list, found {reprlib.repr(value)}")
         return tuple(_field_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if hint is bool and isinstance(value, bool):
+        return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool) \
@@ -57,14 +59,18 @@ def _field_value(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint is str and isinstance(value, str):
         return value
-    expected = {int: "a non-negative integer", float: "a finite number", str: "a string"}
+    expected = {int: "a non-negative integer", float: "a finite number", str: "a string",
+                bool: "true or false"}
     raise ValueError(f"{where} must be {expected.get(hint, hint)}, found {reprlib.repr(value)}")
 
 
 class JsonConfig:
     """Base of the model configs (frozen dataclasses with a `family` and a `preset`): named
     presets (the family's, `lensjax.models.families`), and to and from the JSON of a
-    checkpoint's `lensjax.json`."""
+    checkpoint's `lensjax.json`. A captioner's features are tokens (B, S, feature_dim) unless
+    its config sets `pooled_features` (one vector per image, (B, feature_dim): v1)."""
+
+    pooled_features: ClassVar[bool] = False
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Any:

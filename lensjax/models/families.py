@@ -1,6 +1,6 @@
-"""The model families lensjax knows, by name (the captioners v3b and v3a, and CLIP, the scorer
-v3d's filter uses): each family's configuration class (with its presets), module, optimizer
-label rules, initial-weight groups and decoding defaults.
+"""The model families lensjax knows, by name (the captioners v3b, v3a, v2 and v1, and CLIP,
+the scorer v3d's filter uses): each family's configuration class (with its presets), module,
+optimizer label rules, initial-weight groups and decoding defaults.
 
 A checkpoint records its family in `lensjax.json` (`"family"`); one without it is v3b. To add
 a family, add its folder under `lensjax/models/` (config with presets, modules with the decode
@@ -18,6 +18,13 @@ from lensjax.models.clip import family as clip_family
 from lensjax.models.clip.config import PRESETS as CLIP_PRESETS
 from lensjax.models.clip.config import CLIPConfig
 from lensjax.models.clip.modeling import CLIP
+from lensjax.models.v1 import family as lstm_family
+from lensjax.models.v1.config import PRESETS as V1_PRESETS
+from lensjax.models.v1.config import V1Config
+from lensjax.models.v1.modeling import V1Captioner
+from lensjax.models.v2.config import PRESETS as V2_PRESETS
+from lensjax.models.v2.config import V2Config
+from lensjax.models.v2.modeling import V2Captioner
 from lensjax.models.v3a import family as v3a_family
 from lensjax.models.v3a.config import PRESETS as V3A_PRESETS
 from lensjax.models.v3a.config import V3AConfig
@@ -33,7 +40,9 @@ DEFAULT_FAMILY = "v3b"
 class Family:
     """One generation of LensToWords (or CLIP, the scorer v3d filtered its data with).
     `module(cfg, rngs=...)` builds the model; `decoding` holds a captioner's sampler defaults
-    (`top_k`, `temperature`, `retry`: the v3b retry rule); `captioner` is False for CLIP;
+    (`top_k`, `temperature`, `retry`: the v3b retry rule, `stop_at_period`, `stop_on_repeat`,
+    `beam_rule`: `lensjax.generate.DecodeOptions`);
+    `captioner` is False for CLIP;
     `lora_targets` names the dense layers `--lora` adapts by default (`lensjax.lora`)."""
 
     name: str
@@ -57,6 +66,12 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
            V3AConfig, V3ACaptioner, V3A_PRESETS, v3a_family.LABEL_RULES,
            v3a_family.INIT_GROUPS, v3a_family.DECODING,
            lora_targets=v3a_family.LORA_TARGETS),
+    Family("v2", "InceptionV3 mixed10 -> LSTM with additive attention, word vocabulary",
+           V2Config, V2Captioner, V2_PRESETS, lstm_family.LABEL_RULES,
+           lstm_family.INIT_GROUPS, lstm_family.DECODING),
+    Family("v1", "InceptionV3 pooled vector -> LSTM, word vocabulary",
+           V1Config, V1Captioner, V1_PRESETS, lstm_family.LABEL_RULES,
+           lstm_family.INIT_GROUPS, lstm_family.DECODING),
     Family("clip", "CLIP ViT image and text towers: the image-caption scorer of v3d's filter",
            CLIPConfig, CLIP, CLIP_PRESETS, clip_family.LABEL_RULES, clip_family.INIT_GROUPS,
            clip_family.DECODING, captioner=False),

@@ -15,6 +15,7 @@ torchvision's `transform_input=True` makes of ImageNet-normalised pixels too).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -109,6 +110,22 @@ def preprocess(images: np.ndarray | jax.Array) -> jax.Array:
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
+def from_imagenet_normalised(images: jax.Array) -> jax.Array:
+    """lensjax's image input (pixels / 255, ImageNet-normalised, as `lensjax.data.images`
+    loads every file) -> InceptionV3's `x / 127.5 - 1`: 2 (x std + mean) - 1."""
+    from lensjax.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    return 2.0 * (images * IMAGENET_STD + IMAGENET_MEAN) - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionConfig:
+    """v1/v2's encoder in a model configuration. `count_pad`: the block average pools count
+    the padding, as torchvision's weights need (Keras' need it False)."""
+
+    count_pad: bool = False
+
+
 class InceptionV3(nnx.Module):
     """The feature extractor: `__call__` gives `mixed10` (B, 8, 8, 2048) for 299x299 inputs;
     `pooled` its spatial mean (B, 2048) (v1); `patches` the (B, 64, 2048) rows (v2)."""
@@ -184,3 +201,28 @@ def _graph(x, conv, max_pool_, avg_pool_, concat):
         bd = concat([conv(bd), conv(bd)])
         x = concat([b1, b3, bd, conv(avg_pool_(x))])
     return x
+
+
+class InceptionEncoding(nnx.Module):
+    """Base of v1/v2's captioners: an optional InceptionV3 `encoder` (None when the model
+    captions pre-computed features only) whose output `_features` turns into the decoder's
+    features (pooled for v1, patches for v2)."""
+
+    def __init__(self, cfg: InceptionConfig | None, *, rngs: nnx.Rngs):
+        self.encoder = InceptionV3(rngs=rngs, count_pad=cfg.count_pad) if cfg else None
+
+    def check_can_encode(self) -> None:
+        """Raise MissingComponentError unless this model has its InceptionV3."""
+        from lensjax.models.encoding import MissingComponentError
+
+        if self.encoder is None:
+            raise MissingComponentError(
+                "this model has no InceptionV3 encoder, so it cannot encode images; import "
+                "one with `python -m bridge import ... --inception WEIGHTS.h5` (or caption "
+                "pre-computed features instead)")
+
+    def encode(self, images: jax.Array, *, remat: bool = False) -> jax.Array:
+        """ImageNet-normalised NHWC images (B, 299, 299, 3) -> the decoder's features (v1
+        (B, 2048), v2 (B, 64, 2048)). `remat` is accepted for the training step's sake."""
+        self.check_can_encode()
+        return self._features(from_imagenet_normalised(images))

@@ -3,7 +3,7 @@ the next word at every position.
 
 v1 (`V1Decoder`), from the pooled 2048-d vector:
 
-The notebook's two Keras variants (`lensjax.models.lstm.V1Config.fusion`):
+The notebook's two Keras variants (`V1DecoderConfig.fusion`):
 
 - "add" (`model`): image Dense(512, relu) -> Dense(512, relu) -> Dropout(0.4); words
   Embedding(V, 256, mask_zero) -> LSTM(512) -> Dropout(0.3); Add -> Dense(256, relu) ->
@@ -31,20 +31,25 @@ h); times a sigmoid Dense(256) gate of that sum; Dense(256, relu); Dropout(0.5);
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax import lax
 
+from lensjax.models.config_fields import JsonConfig
 from lensjax.models.decoding import DecodePrefix
+from lensjax.models.inception import InceptionEncoding
 from lensjax.models.layers import Linear, dropout
 
 
 @dataclasses.dataclass(frozen=True)
-class V1Config:
-    """v1's sizes; `fusion` picks the notebook's variant."""
+class V1DecoderConfig:
+    """v1's decoder sizes; `fusion` picks the notebook's variant. `start_id` / `end_id`: the
+    vocabulary's `<start>` and `<end>` (2 and 3 in a vocabulary where they are the most
+    frequent words, the notebooks' fallback)."""
 
     vocab_size: int = 10_000
     feature_dim: int = 2048
@@ -56,16 +61,17 @@ class V1Config:
     image_dropout: float = 0.4
     text_dropout: float = 0.3
     merge_dropout: float = 0.0  # 0.3 in the concat variant
-    start_id: int = 2  # `<start>`'s index (the notebook's fallback)
+    start_id: int = 2
+    end_id: int = 3
 
 
-def v1_preset(fusion: str = "add", vocab_size: int = 10_000) -> V1Config:
+def v1_decoder(fusion: str = "add", vocab_size: int = 10_000) -> V1DecoderConfig:
     """The notebook's `model` ("add") or `model1` ("concat")."""
     if fusion == "add":
-        return V1Config(vocab_size=vocab_size)
+        return V1DecoderConfig(vocab_size=vocab_size)
     if fusion == "concat":
-        return V1Config(vocab_size=vocab_size, fusion="concat", image_dim=256,
-                        merge_dropout=0.3)
+        return V1DecoderConfig(vocab_size=vocab_size, fusion="concat", image_dim=256,
+                               merge_dropout=0.3)
     raise ValueError(f"unknown fusion {fusion!r}: use add or concat")
 
 
@@ -143,7 +149,7 @@ class V1Decoder(LSTMDecoding, nnx.Module):
     """v1's caption model without its encoder: features (B, 2048), ids (B, T) -> logits
     (B, T, V); decode hooks with (h, c) from zeros."""
 
-    def __init__(self, cfg: V1Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: V1DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.image_dense1 = Linear(cfg.feature_dim, 512, rngs=rngs)
         self.image_dense2 = Linear(512, cfg.image_dim, rngs=rngs)
@@ -187,15 +193,17 @@ class V1Decoder(LSTMDecoding, nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class V2Config:
-    """v2's sizes (the notebook's final model, attention version 4)."""
+class V2DecoderConfig:
+    """v2's decoder sizes (the notebook's final model, attention version 4); `start_id` /
+    `end_id` as for v1."""
 
     vocab_size: int = 8_000
     feature_dim: int = 2048
     patches: int = 64
     dim: int = 256  # patch projection, embedding, LSTM, attention units, gate, dense
     dropout: float = 0.5
-    start_id: int = 2  # `<start>`'s index (the notebook's fallback)
+    start_id: int = 2
+    end_id: int = 3
 
 
 class TemporalImageAttention(nnx.Module):
@@ -220,7 +228,7 @@ class V2Decoder(LSTMDecoding, nnx.Module):
     """v2's caption model without its encoder: patches (B, 64, 2048), ids (B, T) -> logits
     (B, T, V); decode hooks with (h, c) from the image."""
 
-    def __init__(self, cfg: V2Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: V2DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.image_dense = Linear(cfg.feature_dim, cfg.dim, rngs=rngs)
         self.init_h = Linear(cfg.dim, cfg.dim, rngs=rngs)
@@ -264,3 +272,59 @@ class V2Decoder(LSTMDecoding, nnx.Module):
         hs = self.lstm(jnp.take(self.embedding[...], ids, axis=0), jnp.ones_like(mask),
                        initial)
         return self.head(patches, hs, mask, rngs)
+
+
+class WordModelConfig(JsonConfig):
+    """What v1's and v2's configurations share (each a dataclass with the fields `decoder`,
+    `encoder` (InceptionConfig or None), `image_size`, `max_len`, `preset`)."""
+
+    head: ClassVar[None] = None  # no ConvNeXt head: the features are InceptionV3's own
+    decoder: V1DecoderConfig | V2DecoderConfig
+    max_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.decoder.feature_dim
+
+    @property
+    def decoder_layers(self) -> int:
+        return 1
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest caption, in words (the notebooks' `max_len`)."""
+        return self.max_len
+
+
+class WordCaptioner(InceptionEncoding):
+    """A whole v1/v2 model: the optional InceptionV3 `encoder` and the LSTM `decoder`
+    (`V1Decoder` or `V2Decoder`), whose decode hooks it passes on. Subclasses set `cfg`,
+    `decoder` and `_features`."""
+
+    decoder: V1Decoder | V2Decoder
+
+    def __call__(self, features: jax.Array, input_ids: jax.Array, *,
+                 rngs: nnx.Rngs | None = None, remat: bool = False) -> jax.Array:
+        """Features (v1 (B, 2048), v2 (B, 64, 2048)), ids (B, T) int (0 = padding) ->
+        float32 logits (B, T, V): position t holds the next word's logits after
+        ids[:, :t+1]. `remat` is accepted for the training step's sake."""
+        return self.decoder(features, input_ids, rngs=rngs).astype(jnp.float32)
+
+    def token_losses(self, features: jax.Array, input_ids: jax.Array, targets: jax.Array, *,
+                     rngs: nnx.Rngs | None = None, remat: bool = False) -> jax.Array:
+        """Cross-entropy of each position float32 (B, T) against targets (B, T) int."""
+        logits = self(features, input_ids, rngs=rngs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+    def start_decoding(self, features: jax.Array, slots: int, max_new: int) -> DecodePrefix:
+        return self.decoder.start_decoding(features, slots, max_new)
+
+    def decode_step(self, context, cache, tokens: jax.Array, position, origin=None):
+        return self.decoder.decode_step(context, cache, tokens, position, origin)
+
+    def reorder_state(self, cache, parents: jax.Array):
+        return self.decoder.reorder_state(cache, parents)

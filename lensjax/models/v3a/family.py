@@ -20,6 +20,7 @@ INIT_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # The original's v3a sampler: top-k 50 at temperature 1, its stop rules (EOS or 0, '.', three
 # equal tokens).
-DECODING = {"top_k": 50, "temperature": 1.0, "retry": False}
+DECODING = {"top_k": 50, "temperature": 1.0, "retry": False, "stop_at_period": True,
+            "stop_on_repeat": None, "beam_rule": "v3b"}
 # The dense layers `--lora` adapts unless told others (path components, `lensjax.lora`).
 LORA_TARGETS = ("self_attn", "multihead_attn")

@@ -21,6 +21,7 @@ INIT_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # LensToWords' v3b sampler: top-k 20 at temperature 0.7, re-sampled while the caption is
 # degenerate (its retry rule).
-DECODING = {"top_k": 20, "temperature": 0.7, "retry": True}
+DECODING = {"top_k": 20, "temperature": 0.7, "retry": True, "stop_at_period": True,
+            "stop_on_repeat": None, "beam_rule": "v3b"}
 # The dense layers `--lora` adapts unless told others (path components, `lensjax.lora`).
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "xattn")

@@ -1,0 +1,124 @@
+"""`python -m bridge import --family v1|v2 --keras ... --vocab ...`: the notebooks' saved Keras
+models, read without TensorFlow, give Keras' own next-word distributions."""
+
+import json
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+import keras_notebooks  # tests/ (TensorFlow: the test extra)
+from bridge.__main__ import main as bridge_main
+from bridge.io import BridgeError
+from bridge.keras_models import import_keras, snake_case
+from lensjax import load_pretrained
+from lensjax.data.word_vocab import WordVocabulary
+
+VOCAB, MAX_LEN = 30, 7
+
+
+def _vocabulary(path, size=VOCAB):
+    words = ["", "[UNK]", "<start>", "<end>", "a", "cat", "on", "the", "mat", "."]
+    WordVocabulary(words + [f"w{i}" for i in range(size - len(words))]).write(path)
+    return path
+
+
+def _saved(model, path):
+    model.save(path)
+    return path
+
+
+def _prefixes(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Post-padded word prefixes starting with <start> (2), and their lengths."""
+    lengths = rng.integers(1, MAX_LEN + 1, rows)
+    ids = np.zeros((rows, MAX_LEN), np.int32)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = [2, *rng.integers(4, VOCAB, length - 1)]
+    return ids, lengths
+
+
+@pytest.mark.parametrize("fusion", ["add", "concat"])
+def test_a_v1_keras_file_imports_to_keras_own_next_word_distributions(fusion, tmp_path):
+    reference = keras_notebooks.v1_model(VOCAB, MAX_LEN, fusion)
+    keras_file = _saved(reference, tmp_path / "best_model.keras")
+    model = import_keras("v1", keras_file, _vocabulary(tmp_path / "vocab.txt"))
+    assert model.config.decoder.fusion == fusion and model.config.max_len == MAX_LEN
+    rng = np.random.default_rng(0)
+    features = rng.uniform(0, 1, (4, 2048)).astype(np.float32)
+    ids, lengths = _prefixes(rng, 4)
+    expected = reference.predict([features, ids], verbose=0)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(jax.nn.softmax(model.logits(features, ids), axis=-1))
+    got = ours[np.arange(4), lengths - 1]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * (1 + expected.max()), rtol=1e-4)
+
+
+def test_a_v2_keras_file_imports_through_the_cli_and_loads_with_its_vocabulary(tmp_path):
+    reference = keras_notebooks.v2_model(VOCAB, MAX_LEN)
+    keras_file = _saved(reference, tmp_path / "best_model.keras")
+    vocab = _vocabulary(tmp_path / "vocab.txt")
+    assert bridge_main(["import", "--family", "v2", "--keras", str(keras_file), "--vocab",
+                        str(vocab), "--out", str(tmp_path / "v2")]) == 0
+    model = load_pretrained(tmp_path / "v2")
+    assert model.family.name == "v2" and model.tokenizer == WordVocabulary.read(vocab)
+    rng = np.random.default_rng(1)
+    features = rng.uniform(0, 1, (3, 64, 2048)).astype(np.float32)
+    ids, lengths = _prefixes(rng, 3)
+    expected = reference.predict([features, ids], verbose=0)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(jax.nn.softmax(model.logits(features, ids), axis=-1))
+    for row, length in enumerate(lengths):  # Keras' positions past the caption differ
+        np.testing.assert_allclose(ours[row, :length], expected[row, :length],
+                                   atol=1e-5 * (1 + expected.max()), rtol=1e-4)
+    captions = [model.tokenizer.decode_caption(row)
+                for row in model.generate(features, "beam", max_new_tokens=5)]
+    assert all(set(text.split()) <= set(model.tokenizer.words) for text in captions)
+
+
+def test_a_vocabulary_of_another_size_is_refused_naming_both(tmp_path):
+    keras_file = _saved(keras_notebooks.v2_model(VOCAB, MAX_LEN), tmp_path / "m.keras")
+    with pytest.raises(BridgeError, match=r"lists 40 words but the model's embedding has 30"):
+        import_keras("v2", keras_file, _vocabulary(tmp_path / "vocab.txt", 40))
+
+
+def test_the_wrong_family_and_a_non_archive_are_refused(tmp_path, capsys):
+    keras_file = _saved(keras_notebooks.v2_model(VOCAB, MAX_LEN), tmp_path / "m.keras")
+    vocab = _vocabulary(tmp_path / "vocab.txt")
+    with pytest.raises(BridgeError, match="not the notebook's model"):
+        import_keras("v1", keras_file, vocab)
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    assert bridge_main(["import", "--family", "v1", "--keras", str(tmp_path / "junk.keras"),
+                        "--vocab", str(vocab), "--out", str(tmp_path / "out")]) == 2
+    assert "not a .keras archive" in capsys.readouterr().err
+    assert bridge_main(["import", "--family", "v1", "--keras", str(keras_file),
+                        "--out", str(tmp_path / "out")]) == 2
+    assert "missing: --vocab" in capsys.readouterr().err
+    assert bridge_main(["import", "--keras", str(keras_file), "--vocab", str(vocab),
+                        "--out", str(tmp_path / "out")]) == 2
+    assert "pass --family v1 or --family v2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_are_found_by_class_count_where_the_file_records_no_names(tmp_path):
+    """Keras files from before the layer names were recorded: keys count each class."""
+    import h5py
+
+    keras_file = _saved(keras_notebooks.v2_model(VOCAB, MAX_LEN), tmp_path / "m.keras")
+    with zipfile.ZipFile(keras_file) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    (tmp_path / "w.h5").write_bytes(contents["model.weights.h5"])
+    with h5py.File(tmp_path / "w.h5", "r+") as root:
+        root["layers"].visititems(lambda name, obj: obj.attrs.pop("name", None)
+                                  if isinstance(obj, h5py.Group) else None)
+    contents["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
+    with zipfile.ZipFile(tmp_path / "nameless.keras", "w") as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    vocab = _vocabulary(tmp_path / "vocab.txt")
+    named = import_keras("v2", keras_file, vocab)
+    nameless = import_keras("v2", tmp_path / "nameless.keras", vocab)
+    for path, value in named.params.items():
+        np.testing.assert_array_equal(nameless.params[path], value)
+    assert snake_case("GlobalAveragePooling1D") == "global_average_pooling1d"
+    assert json.loads(contents["config.json"])["class_name"] == "Functional"

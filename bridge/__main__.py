@@ -20,12 +20,15 @@ examples:
   python -m bridge import --family v2 --keras best_model.keras --vocab vocab.txt \
       --inception inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 --out weights/v2
   python -m bridge export weights/v3b --out exported/
+  python -m bridge export weights/v2 --out exported/   # best_model.keras + vocab.txt
   python -m bridge inspect weights/best_perciever.pth
 
 Families: v3b (--perceiver, --gpt2-blocks, --cross-attention, --gpt2; the default) and v3a
 (--projection-head, --decoder: the v3a notebook's files); both take --encoder and
 --encoder-head. v1 and v2 (--keras, --vocab, optionally --inception) read the notebooks'
-best_model.keras with h5py alone (no TensorFlow) and keep the vocabulary in the checkpoint.
+best_model.keras with h5py alone (no TensorFlow) and keep the vocabulary in the checkpoint;
+export writes them back (keras.models.load_model opens the file where the notebook's
+TemporalImageAttention is registered).
 v3b's layouts (notebook = the released files, src = LensToWords' src/model.py) are
 detected from the keys. .pth files are read with torch.load(weights_only=True) only:
 pickled code is refused.
@@ -103,10 +106,11 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser(
         "export",
-        help="lensjax checkpoint directory -> LensToWords .pth files",
-        description="Write a lensjax checkpoint as files the original PyTorch code loads "
-        "with load_state_dict(strict=True). The checkpoint's arrays are checked against the "
-        "checksums saved with them first.",
+        help="lensjax checkpoint directory -> LensToWords .pth files (v1/v2: .keras)",
+        description="Write a lensjax checkpoint as files the original code loads: .pth files "
+        "for load_state_dict(strict=True), or for v1/v2 the notebook's best_model.keras and "
+        "vocab.txt. The checkpoint's arrays are checked against the checksums saved with "
+        "them first.",
     )
     exp.add_argument("checkpoint", type=Path, help="lensjax checkpoint directory")
     exp.add_argument("--out", required=True, type=Path,

@@ -464,6 +464,32 @@ def _restore_dtypes(
     return {k: v.astype(per_key.get(table.normalise(k), v.dtype)) for k, v in tensors.items()}
 
 
+def _export_keras(cfg: Any, params: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
+                  out: Path, say) -> dict[str, Path]:
+    """A v1/v2 checkpoint -> `best_model.keras` and `vocab.txt` in `out` (replaced when
+    complete); the InceptionV3 stays behind (the notebooks kept keras.applications' own)."""
+    from bridge.keras_export import MODEL_FILE, VOCAB_FILE, write_keras
+    from lensjax.data.word_vocab import WordVocabulary
+
+    tmp = temporary_sibling(out)
+    try:
+        tmp.mkdir(parents=True)
+        write_keras(tmp / MODEL_FILE, cfg.family, cfg, params)
+        WordVocabulary.from_metadata(metadata["tokenizer"]).write(tmp / VOCAB_FILE)
+        say(f"wrote {MODEL_FILE} (the {cfg.family} notebook's model) and {VOCAB_FILE}"
+            + ("; InceptionV3 not written (keras.applications' weights file is its source)"
+               if cfg.encoder is not None else ""))
+        if out.is_symlink():
+            out.unlink()
+        elif out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"keras": out / MODEL_FILE, "vocab": out / VOCAB_FILE}
+
+
 def export_files(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -479,8 +505,9 @@ def export_files(
     Files of a v3b model: best_perciever.pth, best_gpt2.pth, best_cross_attention.pth and a
     gpt2/ folder (config.json + model.safetensors, a complete GPT2LMHeadModel); of a v3a
     model: best_projection_head.pth and best_decoder.pth; of either, encoder_head.pth and
-    encoder_convnext_tiny.pth when present. `layout`, if given, must be the model's (v3b:
-    notebook or src; v3a: v3a). `out` is checked by `check_out` before
+    encoder_convnext_tiny.pth when present; of a v1/v2 model: the notebook's
+    best_model.keras and its vocab.txt (`bridge.keras_export`). `layout`, if given, must be
+    the model's (v3b: notebook or src; v3a: v3a). `out` is checked by `check_out` before
     the checkpoint is read (and verified against its checksums); it is replaced only when
     complete. A LoRA-trained checkpoint needs `merge_lora`: the original's files have no place
     for adapters, so they are folded into the weights (W + alpha/rank * A @ B).
@@ -493,6 +520,12 @@ def export_files(
                           "adapters merged")
     params, metadata = load_checkpoint(checkpoint)
     cfg = config_from_metadata(metadata)
+    if cfg.family in ("v1", "v2"):
+        if layout is not None or dtype is not None:
+            raise BridgeError(f"--layout and --dtype are for v3 models' .pth files; a "
+                              f"{cfg.family} model is written as the notebook's float32 "
+                              ".keras file")
+        return _export_keras(cfg, params, metadata, out, say)
     own_layout = cfg.layout if cfg.family == "v3b" else cfg.family
     if layout is not None and layout != own_layout:
         raise BridgeError(

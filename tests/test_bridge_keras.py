@@ -122,3 +122,35 @@ def test_weights_are_found_by_class_count_where_the_file_records_no_names(tmp_pa
         np.testing.assert_array_equal(nameless.params[path], value)
     assert snake_case("GlobalAveragePooling1D") == "global_average_pooling1d"
     assert json.loads(contents["config.json"])["class_name"] == "Functional"
+
+
+@pytest.mark.parametrize("family, fusion", [("v1", "add"), ("v1", "concat"), ("v2", None)])
+def test_export_writes_a_keras_file_that_keras_loads_into_the_notebooks_model(family, fusion,
+                                                                              tmp_path):
+    import keras
+
+    reference = (keras_notebooks.v1_model(VOCAB, MAX_LEN, fusion) if family == "v1"
+                 else keras_notebooks.v2_model(VOCAB, MAX_LEN))
+    vocab = _vocabulary(tmp_path / "vocab.txt")
+    imported = import_keras(family, _saved(reference, tmp_path / "best_model.keras"), vocab)
+    checkpoint = imported.save(tmp_path / "ckpt")
+    assert bridge_main(["export", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "vocab.txt").read_text() == vocab.read_text()
+    exported = keras.models.load_model(tmp_path / "out" / "best_model.keras", compile=False)
+    assert [type(layer).__name__ for layer in exported.layers] == \
+        [type(layer).__name__ for layer in reference.layers]
+    for theirs, ours in zip(reference.layers, exported.layers, strict=True):
+        for a, b in zip(theirs.get_weights(), ours.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(3)
+    features = rng.uniform(0, 1, (3, 2048) if family == "v1" else (3, 64, 2048)
+                           ).astype(np.float32)
+    ids, _ = _prefixes(rng, 3)
+    np.testing.assert_allclose(exported.predict([features, ids], verbose=0),
+                               reference.predict([features, ids], verbose=0), rtol=1e-6,
+                               atol=1e-7)
+    again = import_keras(family, tmp_path / "out" / "best_model.keras",
+                         tmp_path / "out" / "vocab.txt")
+    assert again.config == imported.config
+    for path, value in imported.params.items():
+        np.testing.assert_array_equal(again.params[path], value)

@@ -2,6 +2,7 @@
 the public API (logits, generate, caption) in words."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -174,3 +175,31 @@ def test_v2_beam_search_is_the_notebooks_ranked_beam(quirk):
         first = np.asarray(model.logits(features, np.full((6, 1), 2, np.int32)))[:, 0]
     assert 1 not in ours  # [UNK] is never proposed
     assert (first.argmax(-1) == 1).all() and (ours != other).any(axis=1).sum() >= 2
+
+
+@pytest.mark.parametrize("preset", ["v1-tiny", "v2-tiny"])
+def test_evaluate_captions_a_word_models_feature_cache_and_scores_both_bleus(preset, tmp_path):
+    from lensjax.data.cache import FeatureCache
+    from lensjax.evaluate import main as evaluate
+
+    model = _model(preset)
+    model.save(tmp_path / "ckpt")
+    keys = ["a.jpg", "b.jpg", "c.jpg"]
+    (tmp_path / "captions.txt").write_text("image_name| comment_number| comment\n" + "".join(
+        f"{key}| 0| a red circle on black\n" for key in keys))
+    features = _features(model, 3)
+    with FeatureCache.create(tmp_path / "features", shards=1,
+                             shape=model.feature_shape) as writer:
+        for key, row in zip(keys, features, strict=True):
+            writer.put(key, row)
+    out = tmp_path / "report"
+    assert evaluate(["--weights", str(tmp_path / "ckpt"), "--features",
+                     str(tmp_path / "features"), "--references", str(tmp_path / "captions.txt"),
+                     "--split", "all", "--method", "beam", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["images"] == 3 and 0 <= report["lenstowords_bleu4"] <= 1
+    assert 0 <= report["coco"]["BLEU-4"] <= 1
+    predictions = model.generate(features.astype(np.float16).astype(np.float32), "beam")
+    per_image = (out / "per_image.csv").read_text()
+    for row in predictions:
+        assert model.tokenizer.decode_caption(row) in per_image

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bridge.io import BridgeError
 from lensjax.api import CaptionModel
 from lensjax.caption import load_encoding_model
 from lensjax.checkpoint import CheckpointError
@@ -245,6 +244,18 @@ def _nothing_encoded(errors: list[ImageError], out: Path, existed: bool) -> int:
     return EXIT_BAD_INPUT
 
 
+def _inception_model(family: str, weights: Path) -> CaptionModel:
+    """`bridge.keras_models.inception_model` (the bridge is imported only here); its
+    BridgeError as a ValueError."""
+    from bridge.io import BridgeError
+    from bridge.keras_models import inception_model
+
+    try:
+        return inception_model(family, weights)
+    except BridgeError as error:
+        raise ValueError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Extract the images `args` name -> exit status (0 all, 1 some skipped, 2 none)."""
     check_output(args.out, directory=True)
@@ -258,9 +269,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped: {skipped}", file=sys.stderr)
     _check_unique_names(found.paths)
     if args.inception is not None:
-        from bridge.keras_models import inception_model
-
-        model = inception_model(args.family, args.inception)
+        model = _inception_model(args.family, args.inception)
     else:
         model = load_encoding_model(args.weights)
     start = time.time()
@@ -296,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kept = f"no image was committed; {args.out} was not created"
         print(f"interrupted: {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CheckpointError, OSError, ValueError, RuntimeError, BridgeError) as error:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -165,3 +165,13 @@ def test_v1_and_v2_features_come_from_keras_inception_weights_without_a_checkpoi
                      str(tmp_path / "ckpt"), "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2
     assert "--family and --inception go together" in capsys.readouterr().err
+
+
+def test_inception_weights_that_are_not_a_weights_file_are_one_error_line(tmp_path, capsys):
+    _images(tmp_path / "images", 1)
+    (tmp_path / "inception.h5").write_text("not hdf5")
+    assert extract_cli([str(tmp_path / "images"), "--family", "v2", "--inception",
+                        str(tmp_path / "inception.h5"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "not an HDF5 file" in err
+    assert not (tmp_path / "out").exists()

@@ -132,12 +132,15 @@ class KerasModel:
     variables: dict[str, list[np.ndarray]]
     named: dict[str, str]
 
-    def weights(self, layer: str, child: str | None = None) -> list[np.ndarray]:
+    def weights(self, layer: str, count: int, child: str | None = None) -> list[np.ndarray]:
+        """The `count` arrays of `layer` (of its sublayer `child`); BridgeError otherwise."""
         key = self.named.get(layer) or self.graph.weight_keys()[layer]
         key = f"{key}/{child}" if child else key
-        if key not in self.variables:
-            raise BridgeError(f"{self.graph.path}: no weights for layer {layer!r} ({key})")
-        return self.variables[key]
+        found = self.variables.get(key, [])
+        if len(found) != count:
+            raise BridgeError(f"{self.graph.path}: layer {layer!r} ({key}) has {len(found)} "
+                              f"weight arrays, the notebook's has {count}")
+        return found
 
 
 def read_keras_model(path: str | os.PathLike) -> KerasModel:
@@ -172,12 +175,12 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
 
 
 def _dense(model: KerasModel, layer: str, prefix: str) -> Params:
-    kernel, bias = model.weights(layer)
+    kernel, bias = model.weights(layer, 2)
     return {f"{prefix}.kernel": kernel, f"{prefix}.bias": bias}
 
 
 def _lstm(model: KerasModel, layer: str) -> Params:
-    kernel, recurrent, bias = model.weights(layer, "cell")
+    kernel, recurrent, bias = model.weights(layer, 3, "cell")
     return {"decoder.lstm.kernel": kernel, "decoder.lstm.recurrent_kernel": recurrent,
             "decoder.lstm.bias": bias}
 
@@ -243,7 +246,7 @@ def v1_params(model: KerasModel) -> tuple[V1DecoderConfig, Params, int]:
     params = {
         **_dense(model, dense1, "decoder.image_dense1"),
         **_dense(model, dense2, "decoder.image_dense2"),
-        "decoder.embedding": model.weights(embedding)[0],
+        "decoder.embedding": model.weights(embedding, 1)[0],
         **_lstm(model, lstm),
         **_dense(model, merge_dense, "decoder.merge_dense"),
         **_dense(model, output, "decoder.output"),
@@ -294,14 +297,14 @@ def v2_params(model: KerasModel) -> tuple[V2DecoderConfig, Params, int]:
         **_dense(model, image_dense, "decoder.image_dense"),
         **_dense(model, initial[0], "decoder.init_h"),
         **_dense(model, initial[1], "decoder.init_c"),
-        "decoder.embedding": model.weights(embedding)[0],
+        "decoder.embedding": model.weights(embedding, 1)[0],
         **_lstm(model, lstm),
         **_dense(model, gates[0], "decoder.gate"),
         **_dense(model, dense[0], "decoder.dense"),
         **_dense(model, output, "decoder.output"),
     }
     for child in ("W_img", "W_txt", "V"):
-        kernel, bias = model.weights(attention[0], child)
+        kernel, bias = model.weights(attention[0], 2, child)
         params.update({f"decoder.attention.{child}.kernel": kernel,
                        f"decoder.attention.{child}.bias": bias})
     cfg = V2DecoderConfig(
@@ -355,7 +358,11 @@ def import_keras(family: str, keras: str | os.PathLike, vocab: str | os.PathLike
         raise BridgeError(f"a Keras import is v1 or v2, not {family!r}")
     keras, vocab = Path(keras), Path(vocab)
     model = read_keras_model(keras)
-    decoder, params, max_len = (v1_params if family == "v1" else v2_params)(model)
+    try:
+        decoder, params, max_len = (v1_params if family == "v1" else v2_params)(model)
+    except (KeyError, IndexError, ValueError, StopIteration, TypeError) as error:
+        # a graph or layer settings unlike the notebook's, found by a lookup that failed
+        raise model.graph.not_the_notebooks(f"{type(error).__name__}: {error}") from None
     say(f"read {keras}: the {family} notebook's model, vocabulary {decoder.vocab_size}, "
         f"captions of {max_len} words")
     try:

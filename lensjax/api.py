@@ -159,7 +159,8 @@ class CaptionModel:
         identities: Sequence[int] | None = None,
         argsort_quirk: bool = False,
     ) -> np.ndarray:
-        """Caption tokens for features float32 (B, 64, D) -> int32 (B, max_new_tokens).
+        """Caption tokens for features float32 (B, 64, D) (v1: (B, D)) -> int32 (B,
+        max_new_tokens).
 
         Tokens exclude the BOS; each row is EOS (50256; v1/v2: `<end>`) after its end.
         `max_new_tokens` None: 50, or the model's longest caption where that is shorter (v1/v2:

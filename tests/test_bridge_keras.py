@@ -154,3 +154,22 @@ def test_export_writes_a_keras_file_that_keras_loads_into_the_notebooks_model(fa
     assert again.config == imported.config
     for path, value in imported.params.items():
         np.testing.assert_array_equal(again.params[path], value)
+
+
+def test_a_layer_whose_weights_are_missing_is_named(tmp_path):
+    import h5py
+
+    keras_file = _saved(keras_notebooks.v2_model(VOCAB, MAX_LEN), tmp_path / "m.keras")
+    with zipfile.ZipFile(keras_file) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    (tmp_path / "w.h5").write_bytes(contents["model.weights.h5"])
+    with h5py.File(tmp_path / "w.h5", "r+") as root:
+        del root["layers/lstm/cell/vars/2"]  # the LSTM's bias
+    contents["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
+    with zipfile.ZipFile(tmp_path / "broken.keras", "w") as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    # the layer's name counts the session's LSTMs; its key in the file does not
+    with pytest.raises(BridgeError, match=r"layer 'lstm(_\d+)?' \(lstm/cell\) has 2 weight "
+                                          r"arrays, the notebook's has 3"):
+        import_keras("v2", tmp_path / "broken.keras", _vocabulary(tmp_path / "vocab.txt"))

@@ -8,6 +8,7 @@ bit-identical tensors under identical keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -15,7 +16,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -471,14 +472,23 @@ def _export_keras(cfg: Any, params: Mapping[str, np.ndarray], metadata: Mapping[
     from bridge.keras_export import MODEL_FILE, VOCAB_FILE, write_keras
     from lensjax.data.word_vocab import WordVocabulary
 
-    tmp = temporary_sibling(out)
-    try:
-        tmp.mkdir(parents=True)
+    with _replacing(out) as tmp:
         write_keras(tmp / MODEL_FILE, cfg.family, cfg, params)
         WordVocabulary.from_metadata(metadata["tokenizer"]).write(tmp / VOCAB_FILE)
         say(f"wrote {MODEL_FILE} (the {cfg.family} notebook's model) and {VOCAB_FILE}"
             + ("; InceptionV3 not written (keras.applications' weights file is its source)"
                if cfg.encoder is not None else ""))
+    return {"keras": out / MODEL_FILE, "vocab": out / VOCAB_FILE}
+
+
+@contextlib.contextmanager
+def _replacing(out: Path) -> Iterator[Path]:
+    """A new sibling folder of `out` to write into: when the block completes it replaces `out`
+    (a folder, or a link to one), otherwise it is removed and `out` stays as it was."""
+    tmp = temporary_sibling(out)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         if out.is_symlink():
             out.unlink()
         elif out.exists():
@@ -487,7 +497,6 @@ def _export_keras(cfg: Any, params: Mapping[str, np.ndarray], metadata: Mapping[
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"keras": out / MODEL_FILE, "vocab": out / VOCAB_FILE}
 
 
 def export_files(
@@ -533,10 +542,8 @@ def export_files(
             "different architecture, so its weights cannot be written in it"
         )
     records = metadata.get("components", {})
-    tmp = temporary_sibling(out)
     written: dict[str, Path] = {}
-    try:
-        tmp.mkdir(parents=True)
+    with _replacing(out) as tmp:
         for component, table in EXPORT_TABLES[own_layout].items():
             tensors = flax_to_torch(table, params)
             if not tensors:
@@ -553,12 +560,4 @@ def export_files(
                 write_torch_file(target, tensors)
             written[component] = out / table.filename
             say(f"wrote {table.filename} ({len(tensors)} tensors)")
-        if out.is_symlink():
-            out.unlink()
-        elif out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return written

@@ -25,7 +25,7 @@ import numpy as np
 from bridge.keras_models import KerasGraph, snake_case
 from lensjax.models.lstm import V1DecoderConfig, V2DecoderConfig
 
-KERAS_VERSION = "3.0.0"  # the oldest archive format this layout matches
+KERAS_VERSION = "3.0.0"  # recorded in metadata.json: a Keras 3 archive
 MODEL_FILE, VOCAB_FILE = "best_model.keras", "vocab.txt"
 Tensor = dict[str, Any]
 

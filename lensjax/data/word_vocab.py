@@ -168,8 +168,9 @@ class WordVocabulary:
 
     @property
     def period_id(self) -> int:
-        """The index of "." (1, `[UNK]`, when the vocabulary has no such word)."""
-        return self.index(".")
+        """The index of "." (`end_id` when the vocabulary has no such word, so that a stop at
+        a period changes nothing)."""
+        return self._index.get(".", self.end_id)
 
     def to_metadata(self) -> dict[str, object]:
         """The checkpoint's `tokenizer` entry (`lensjax.json`): the words themselves."""

@@ -125,16 +125,16 @@ class KerasGraph:
 @dataclasses.dataclass
 class KerasModel:
     """A `.keras` archive: its graph, {weights-file key path: [arrays]} (nested layers'
-    variables under `parent/child`, e.g. `lstm/cell`) and {layer name: key} where the file
-    records the names."""
+    variables under `parent/child`, e.g. `lstm/cell`) and {layer name: its key} (the names the
+    file records, else Keras' class counts)."""
 
     graph: KerasGraph
     variables: dict[str, list[np.ndarray]]
-    named: dict[str, str]
+    keys: dict[str, str]
 
     def weights(self, layer: str, count: int, child: str | None = None) -> list[np.ndarray]:
         """The `count` arrays of `layer` (of its sublayer `child`); BridgeError otherwise."""
-        key = self.named.get(layer) or self.graph.weight_keys()[layer]
+        key = self.keys[layer]
         key = f"{key}/{child}" if child else key
         found = self.variables.get(key, [])
         if len(found) != count:
@@ -171,7 +171,8 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
                 variables[key] = [np.asarray(group[str(i)]) for i in range(len(group))]
 
         root["layers"].visititems(visit)
-    return KerasModel(KerasGraph.from_config(config, path), variables, named)
+    graph = KerasGraph.from_config(config, path)
+    return KerasModel(graph, variables, {**graph.weight_keys(), **named})
 
 
 def _dense(model: KerasModel, layer: str, prefix: str) -> Params:

@@ -70,6 +70,8 @@ class CaptionModel:
         self._logits = jax.jit(logits)
         self._decode = jax.jit(functools.partial(decode, graphdef), static_argnames="options")
         self._tokenizer: GPT2Tokenizer | WordVocabulary | None = None
+        self._tokenizer_entry = self.metadata.get("tokenizer", GPT2_TOKENIZER)
+        self._word_model = self._tokenizer_entry.get("name") == WORDS  # v1/v2
         self._words: frozenset[str] | None = None
 
     @classmethod
@@ -135,9 +137,8 @@ class CaptionModel:
         """The checkpoint's tokenizer, made on first use: the GPT-2 BPE (offline default), or
         for v1/v2 their word vocabulary (stored in the checkpoint)."""
         if self._tokenizer is None:
-            entry = self.metadata.get("tokenizer", GPT2_TOKENIZER)
-            self._tokenizer = (WordVocabulary.from_metadata(entry) if entry["name"] == WORDS
-                               else GPT2Tokenizer())
+            self._tokenizer = (WordVocabulary.from_metadata(self._tokenizer_entry)
+                               if self._word_model else GPT2Tokenizer())
         return self._tokenizer
 
     def generate(
@@ -199,11 +200,11 @@ class CaptionModel:
         check_bool("argsort_quirk", argsort_quirk)
         if method == "topk" and temperature == 0.0:
             method = "greedy"
-        words = isinstance(self.tokenizer, WordVocabulary)
+        # GPT-2's ids are constants: its tokenizer is only built where text is decoded
+        end_id, period_id = ((self.tokenizer.end_id, self.tokenizer.period_id)
+                             if self._word_model else (EOS_ID, PERIOD_ID))
         options = DecodeOptions(method, max_new_tokens, min_new_tokens, top_k, beam_width,
-                                stop_at_period, stop_on_repeat,
-                                self.tokenizer.end_id if words else EOS_ID,
-                                self.tokenizer.period_id if words else PERIOD_ID,
+                                stop_at_period, stop_on_repeat, end_id, period_id,
                                 defaults["beam_rule"], argsort_quirk=argsort_quirk)
         check_int("top_k", top_k, 1, self.config.vocab_size)
         check_int("beam_width", beam_width, 1, self.config.vocab_size)

@@ -56,6 +56,7 @@ from lensjax.data.images import normalise
 from lensjax.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, read_scenes
 from lensjax.models.families import family_of, preset_config
 from lensjax.models.layers import Linear
+from lensjax.params import new_module
 
 _KINDS, _COLOURS, _SIZES, _BACKGROUNDS = (tuple(SHAPES), tuple(COLOURS), tuple(SIZES),
                                           tuple(BACKGROUNDS))
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not family_of(cfg).captioner or cfg.encoder is None or cfg.head is None:
         raise ValueError(f"preset {args.preset!r} has no ConvNeXt encoder and head to train")
     cfg = dataclasses.replace(cfg, image_size=args.image_size)
-    captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(args.seed))
+    captioner = new_module(cfg, args.seed)
     grid = cfg.head.pool_size
 
     def load(keys: list[str]) -> tuple[np.ndarray, SceneTargets]:

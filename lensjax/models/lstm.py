@@ -302,10 +302,15 @@ class WordModelConfig(JsonConfig):
 
 class WordCaptioner(InceptionEncoding):
     """A whole v1/v2 model: the optional InceptionV3 `encoder` and the LSTM `decoder`
-    (`V1Decoder` or `V2Decoder`), whose decode hooks it passes on. Subclasses set `cfg`,
-    `decoder` and `_features`."""
+    (`V1Decoder` or `V2Decoder`), whose decode hooks it passes on. Subclasses name their
+    `decoder_class` and give `_features`."""
 
-    decoder: V1Decoder | V2Decoder
+    decoder_class: ClassVar[type[V1Decoder] | type[V2Decoder]]
+
+    def __init__(self, cfg: WordModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg.encoder, rngs=rngs)
+        self.cfg = cfg
+        self.decoder = self.decoder_class(cfg.decoder, rngs=rngs)
 
     def __call__(self, features: jax.Array, input_ids: jax.Array, *,
                  rngs: nnx.Rngs | None = None, remat: bool = False) -> jax.Array:

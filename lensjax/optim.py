@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lensjax.models.families import FAMILIES
@@ -63,12 +64,60 @@ def split_trainable(params: Mapping[str, jax.Array], labels: Mapping[str, str]
     return trainable, frozen
 
 
-def build_optimizer(labels: Mapping[str, str], learning_rates: Mapping[str, float]
+# The optimizers a phase can name: optax's Adam (LensToWords' PyTorch one), or Keras' (v1/v2).
+OPTIMIZERS = ("adam", "keras-adam")
+
+
+def build_optimizer(labels: Mapping[str, str], learning_rates: Mapping[str, float], *,
+                    optimizer: str = "adam", clip_norm: float | None = None
                     ) -> optax.GradientTransformation:
-    """`optax.multi_transform` over the flat {path: array} tree: Adam(lr) per trained label,
-    `set_to_zero` (no state) for "frozen"."""
+    """`optax.multi_transform` over the flat {path: array} tree: Adam(lr) per trained label
+    (`optimizer` "adam": `optax.adam`, as torch's; "keras-adam": `keras_adam`), after
+    `clip_each_by_norm(clip_norm)` when given; `set_to_zero` (no state) for "frozen"."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+
+    def adam(lr: float) -> optax.GradientTransformation:
+        transform = optax.adam(lr) if optimizer == "adam" else keras_adam(lr)
+        return transform if clip_norm is None else optax.chain(clip_each_by_norm(clip_norm),
+                                                               transform)
+
     transforms: dict[str, optax.GradientTransformation] = {
-        label: optax.adam(lr) for label, lr in learning_rates.items()
+        label: adam(lr) for label, lr in learning_rates.items()
     }
     transforms[FROZEN] = optax.set_to_zero()
     return optax.multi_transform(transforms, dict(labels))
+
+
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+    """Each weight's gradient scaled down to an L2 norm of at most `max_norm`, on its own
+    (Keras' optimizer `clipnorm`; `optax.clip_by_global_norm` is Keras' `global_clipnorm`)."""
+    def clip(g: jax.Array, _=None) -> jax.Array:
+        norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+        return g * (max_norm / jnp.maximum(norm, max_norm))
+
+    return optax.stateless_with_tree_map(clip)
+
+
+def keras_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+               ) -> optax.GradientTransformation:
+    """Keras' Adam (v1 and v2 trained with it): the bias corrections fold into the step,
+    lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), so its epsilon (1e-7) meets the
+    uncorrected sqrt(v), where `optax.adam`'s meets the corrected one. The state is optax's
+    `ScaleByAdamState` (count, mu, nu)."""
+    def init(params) -> optax.ScaleByAdamState:
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=jax.tree.map(jnp.zeros_like, params),
+                                      nu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state: optax.ScaleByAdamState, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        t = count.astype(jnp.float32)
+        step = learning_rate * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        updates = jax.tree.map(lambda m, v: -step * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)

@@ -48,12 +48,30 @@ DATASETS: Mapping[str, str] = MappingProxyType({
     "instagram": "CLIP-filtered Instagram CSVs, 90/10 split (random.seed(42))",
     "mix": "COCO 2017 train + Instagram train, concatenated",
     "synthetic": "the built-in synthetic shapes set (python -m lensjax.data.synthetic)",
+    "instagram-raw": "the original's Instagram CSVs as v1/v2 read them (cleaned and filtered "
+                     "by lensjax), 90/10 split (sklearn train_test_split, random_state=42)",
 })
+# How captions are split into training and validation images when no --val-data is given.
+SPLITS = ("lenstowords", "sklearn")
 ALL_DECODER = ("perceiver", "gpt2", "lm", "xattn")
 
 
 def _rates(value: float, labels: tuple[str, ...] = ALL_DECODER) -> Mapping[str, float]:
     return MappingProxyType(dict.fromkeys(labels, value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """Keras' ReduceLROnPlateau on the validation loss, as v1 and v2 used it: after
+    `patience` epochs without an improvement of at least `min_delta`, every learning rate is
+    multiplied by `factor`, down to `min_lr` (for the phase's largest rate); `reload_best`
+    (v2's ReduceLRReloadBest): the best weights so far are loaded back at each reduction."""
+
+    factor: float
+    patience: int
+    min_lr: float
+    reload_best: bool = False
+    min_delta: float = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +94,11 @@ class Phase:
     subset: int | None = None
     max_steps: int | None = None
     loss: str = "eos"
+    split: str = "lenstowords"  # how captions without --val-data are split (see DATASETS)
+    plateau: Plateau | None = None
+    clip_norm: float | None = None  # Keras' clipnorm: each weight's gradient on its own
+    optimizer: str = "adam"  # lensjax.optim.OPTIMIZERS
+    eval_method: str = "topk"  # decoding for the end-of-phase captions
 
     def sources(self) -> set[str]:
         """The phases (and `gpt2`) whose weights this phase starts from."""
@@ -128,6 +151,21 @@ PHASES: Mapping[str, Phase] = MappingProxyType({p.name: p for p in (
            {"projection_head": FRESH, "decoder": FRESH}, "flickr30k", epochs=50, patience=7,
            batch_size=64, preset="v3a", loss="seed",
            notebook_learning_rates=_rates(1e-5, ("projection_head", "decoder"))),
+    # v1 and v2, the first generations (notebooks v1_inceptionv3_lstm, v2_inceptionv3_attention):
+    # Keras' Adam (its epsilon 1e-7 outside the bias correction), batch 64, up to 50 epochs,
+    # the loss over the non-padding targets (v2: weighted by word rarity), ReduceLROnPlateau
+    # on the validation loss.
+    _phase("v1", "v1: InceptionV3 pooled features -> LSTM(512) word decoder", None,
+           MappingProxyType({"decoder": 1e-3}), {"decoder": FRESH}, "instagram-raw",
+           epochs=50, patience=5, batch_size=64, preset="v1", max_len=41, loss="words",
+           split="sklearn", plateau=Plateau(factor=0.9, patience=2, min_lr=1e-5),
+           optimizer="keras-adam", eval_method="greedy"),
+    _phase("v2", "v2: InceptionV3 mixed10 -> LSTM(256) with attention over 64 patches", None,
+           MappingProxyType({"decoder": 2e-4}), {"decoder": FRESH}, "instagram-raw",
+           epochs=50, patience=8, batch_size=64, preset="v2", max_len=41,
+           loss="weighted-words", split="sklearn",
+           plateau=Plateau(factor=0.5, patience=4, min_lr=1e-5, reload_best=True),
+           clip_norm=0.5, optimizer="keras-adam", eval_method="beam"),
     # The seed's curriculum at small scale on the synthetic set (make demo). Offline there is
     # no pretrained GPT-2, so the prepend warm-up trains the language model as well.
     _phase("demo-prepend", "demo: prepend warm-up, Perceiver + GPT-2 from scratch", "prepend",
@@ -153,8 +191,16 @@ def phase_table() -> str:
                 f"{k} {v:g}" for k, v in p.notebook_learning_rates.items()) + ")"
         init = ", ".join(f"{g}<-{s}" for g, s in p.init.items())
         steps = f" (at most {p.max_steps} steps)" if p.max_steps else ""
+        extra = ""
+        if p.plateau:
+            extra = (f"\n  {'':<12} learning rates x{p.plateau.factor:g} after "
+                     f"{p.plateau.patience} epochs without improvement (min "
+                     f"{p.plateau.min_lr:g})" + (", reloading the best weights"
+                                                 if p.plateau.reload_best else ""))
+        if p.clip_norm:
+            extra += f"\n  {'':<12} each weight's gradient clipped to norm {p.clip_norm:g}"
         rows.append(f"  {p.name:<12} {p.mode or p.preset:<7} {p.dataset:<9} epochs "
                     f"{p.epochs}{steps}, patience {p.patience}, batch {p.batch_size}"
                     + (f", loss {p.loss}" if p.loss != "eos" else "") + "\n"
-                    f"  {'':<12} trains: {rates}\n  {'':<12} init: {init}")
+                    f"  {'':<12} trains: {rates}\n  {'':<12} init: {init}" + extra)
     return "\n".join(rows)

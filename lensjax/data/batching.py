@@ -18,7 +18,11 @@ import numpy as np
 
 from lensjax.data.cache import FeatureCache
 from lensjax.data.image_cache import ImageCache
-from lensjax.data.tokenizer import MAX_LEN, GPT2Tokenizer, build_sequences, shift
+from lensjax.data.tokenizer import MAX_LEN, GPT2Tokenizer, shift
+from lensjax.data.word_vocab import WordVocabulary
+
+# What turns captions into training sequences: GPT-2's BPE (v3) or a word vocabulary (v1/v2).
+Tokenizer = GPT2Tokenizer | WordVocabulary
 
 
 @dataclasses.dataclass
@@ -50,12 +54,10 @@ def available_pairs(
 class _Examples:
     """(image key, caption) pairs tokenized once: keys, token sequences and lengths."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: GPT2Tokenizer,
-                 max_len: int):
+    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_len: int):
         self.keys = [key for key, _ in pairs]
-        self.sequences, self.lengths = build_sequences(
-            tokenizer.encode_batch([caption for _, caption in pairs]), max_len
-        )
+        self.sequences, self.lengths = tokenizer.training_sequences(
+            [caption for _, caption in pairs], max_len)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -138,7 +140,7 @@ class CaptionBatches(_Batches):
         self,
         pairs: Sequence[tuple[str, str]],
         cache: FeatureCache | ImageCache,
-        tokenizer: GPT2Tokenizer,
+        tokenizer: Tokenizer,
         *,
         batch_size: int,
         max_len: int = MAX_LEN,
@@ -201,7 +203,7 @@ class MixedBatches(_Batches):
         sources: Mapping[str, Sequence[tuple[str, str]]],
         weights: Mapping[str, float],
         cache: FeatureCache | ImageCache,
-        tokenizer: GPT2Tokenizer,
+        tokenizer: Tokenizer,
         *,
         batch_size: int,
         max_len: int = MAX_LEN,

@@ -23,12 +23,15 @@ import dataclasses
 import errno
 import io
 import json
+import math
 import os
 import random
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 PathLike = str | os.PathLike
 
@@ -428,6 +431,20 @@ def seed_split(
     random.Random(seed).shuffle(keys)
     n = int(train_frac * len(keys))
     return keys[:n], keys[n:]
+
+
+def sklearn_split(keys: Iterable[str], test_size: float = 0.1, random_state: int = 42
+                  ) -> tuple[list[str], list[str]]:
+    """v1's and v2's split: scikit-learn's `train_test_split(keys, test_size=0.1,
+    random_state=42, shuffle=True)` without scikit-learn: the permutation of
+    `np.random.RandomState(random_state)`, its first `ceil(test_size * n)` keys for
+    validation, the rest (in that order) for training. -> (train, val)."""
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    keys = list(keys)
+    order = np.random.RandomState(random_state).permutation(len(keys))
+    n_test = math.ceil(test_size * len(keys))
+    return [keys[i] for i in order[n_test:]], [keys[i] for i in order[:n_test]]
 
 
 def coco_subset(keys: Sequence[str], size: int = 50_000, seed: int = 0) -> list[str]:

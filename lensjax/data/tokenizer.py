@@ -36,6 +36,11 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
 
+    def training_sequences(self, captions: Sequence[str], max_len: int = MAX_LEN
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> LensToWords' training sequences (`build_sequences`)."""
+        return build_sequences(self.encode_batch(captions), max_len)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text, byte for byte (special ids decode as their literal text)."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

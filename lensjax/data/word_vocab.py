@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 PAD, UNK, START, END = "", "[UNK]", "<start>", "<end>"
 WORDS = "words"  # the tokenizer name a word-vocabulary checkpoint records
 MAX_TOKENS = {"v1": 10_000, "v2": 8_000}
@@ -84,6 +86,40 @@ def prepare_captions(raw: Mapping[str, object], generation: str) -> dict[str, st
         return cleaned
     return {key: text for key, text in cleaned.items()
             if len(text.split()) > 3 and not is_bad_caption(text)}
+
+
+def clean_captions(captions: Mapping[str, Sequence[object]], generation: str
+                   ) -> dict[str, list[str]]:
+    """{image key: [raw captions]} -> {image key: [captions as `generation` kept them]}:
+    `prepare_captions`' cleaning and filtering caption by caption, the `<start>` / `<end>`
+    markers taken off again (what a model of that generation learns to write; see
+    `WordVocabulary.training_sequences`). Images left without a caption are dropped."""
+    kept: dict[str, list[str]] = {}
+    for key, texts in captions.items():
+        prepared = prepare_captions(dict(enumerate(texts)), generation).values()
+        words = [" ".join(text.split(" ")[1:-1]) for text in prepared]
+        if words:
+            kept[key] = words
+    return kept
+
+
+def wrap(caption: str) -> str:
+    """A cleaned caption between the `<start>` and `<end>` markers, as the notebooks fed
+    the vectorizer."""
+    return f"{START} {caption} {END}" if caption else f"{START} {END}"
+
+
+def token_weights(vocabulary: WordVocabulary, captions: Iterable[str]) -> np.ndarray:
+    """v2's loss weights (V,) float32 from the cleaned captions (without markers) it trained
+    on: `(total / count) ** 0.3` per vocabulary word (count 1 for a word the captions lack,
+    such as the padding token and `[UNK]`), divided by their mean, clipped to [0.5, 3]. The
+    counts are over the `<start> ... <end>` texts split as Python's `str.split`, as the
+    notebook counted them."""
+    counts = Counter(word for text in captions for word in wrap(text).split())
+    total = sum(counts.values())
+    weights = np.array([(total / counts.get(word, 1)) ** 0.3 for word in vocabulary.words],
+                       np.float64)
+    return np.clip(weights / weights.mean(), 0.5, 3.0).astype(np.float32)
 
 
 def split_words(text: str) -> list[str]:
@@ -186,6 +222,21 @@ class WordVocabulary:
             raise VocabularyError(f"tokenizer.vocab_size is {entry.get('vocab_size')!r} but "
                                   f"tokenizer.words lists {len(words)}")
         return cls(words)
+
+    def training_sequences(self, captions: Sequence[str], max_len: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Cleaned captions (without markers) -> (sequences int32 (N, max_len), lengths
+        int32 (N,)): `<start> words <end>` as indices, cut after `max_len` and padded with 0
+        (the notebooks' `pad_sequences(..., padding="post", truncating="post")`); a length
+        counts the sequence's targets (its tokens after `<start>`), so that the shifted pair
+        (seq[:, :-1], seq[:, 1:]) is the notebooks' (x, y)."""
+        sequences = np.zeros((len(captions), max_len), np.int32)
+        lengths = np.zeros(len(captions), np.int32)
+        for row, caption in enumerate(captions):
+            ids = self.encode(wrap(caption))[:max_len]
+            sequences[row, : len(ids)] = ids
+            lengths[row] = len(ids) - 1
+        return sequences, lengths
 
     def decode_caption(self, ids: Iterable[int]) -> str:
         """Generated ids -> the caption (`decode`)."""

@@ -64,6 +64,12 @@ class V1DecoderConfig:
     start_id: int = 2
     end_id: int = 3
 
+    @property
+    def lstm_l2(self) -> float:
+        """The L2 factor on the LSTM's kernel and recurrent kernel: 1e-4 in the concat
+        variant (`model1`), none in `model`."""
+        return 1e-4 if self.fusion == "concat" else 0.0
+
 
 def v1_decoder(fusion: str = "add", vocab_size: int = 10_000) -> V1DecoderConfig:
     """The notebook's `model` ("add") or `model1` ("concat")."""
@@ -175,6 +181,12 @@ class V1Decoder(LSTMDecoding, nnx.Module):
                   else jnp.concatenate([image, h], axis=-1))
         merged = dropout(jax.nn.relu(self.merge_dense(merged)), self.cfg.merge_dropout, rngs)
         return self.output(merged)
+
+    def regularization(self) -> jax.Array:
+        """Keras' `l2(lstm_l2)` kernel and recurrent regularizers: lstm_l2 * sum(w^2)."""
+        weights = (self.lstm.kernel[...], self.lstm.recurrent_kernel[...])
+        return self.cfg.lstm_l2 * sum(jnp.sum(jnp.square(w.astype(jnp.float32)))
+                                      for w in weights)
 
     def _image_context(self, features):
         zeros = jnp.zeros((features.shape[0], self.cfg.hidden), jnp.float32)
@@ -324,6 +336,12 @@ class WordCaptioner(InceptionEncoding):
         """Cross-entropy of each position float32 (B, T) against targets (B, T) int."""
         logits = self(features, input_ids, rngs=rngs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+    def regularization(self) -> jax.Array:
+        """The weight penalty Keras adds to the loss (v1's concat variant), float32 ()."""
+        if isinstance(self.decoder, V1Decoder) and self.decoder.cfg.lstm_l2:
+            return self.decoder.regularization()
+        return jnp.float32(0)
 
     def start_decoding(self, features: jax.Array, slots: int, max_new: int) -> DecodePrefix:
         return self.decoder.start_decoding(features, slots, max_new)

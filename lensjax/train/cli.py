@@ -43,7 +43,7 @@ from lensjax.cli import (
     enable_compilation_cache,
 )
 from lensjax.models.families import all_presets
-from lensjax.phases import PHASES, phase_table
+from lensjax.phases import FRESH, PHASES, phase_table
 from lensjax.train.inputs import data_paths, load_data
 from lensjax.train.loop import InterruptGuard, PhaseRun, run_phase
 from lensjax.train.messages import Interrupted, NonFiniteLoss, TrainError, say
@@ -56,6 +56,7 @@ from lensjax.train.sources import (
     resolve_sources,
     resumed_config,
 )
+from lensjax.train.words import generation_of, loss_weights, sized_to, word_vocabulary
 
 EPILOG = f"""\
 phases (defaults; every one can be overridden by the flags above):
@@ -171,10 +172,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="token sequence length, 3 to what the model's positions hold "
                        "(LensToWords: 64)")
     hyper.add_argument("--subset", type=int, help="train on a seeded subset of N >= 1 images")
-    hyper.add_argument("--loss", choices=("eos", "seed"),
-                       help="eos (every phase's default but v3a's): also learn the "
-                       "end-of-caption token; seed (v3a's): LensToWords' loss, which ignores "
-                       "every 50256 target")
+    hyper.add_argument("--loss", choices=("eos", "seed", "words", "weighted-words"),
+                       help="eos (the v3b phases' default): also learn the end-of-caption "
+                       "token; seed (v3a's): LensToWords' loss, which ignores every 50256 "
+                       "target; words (v1's): every non-padding word; weighted-words (v2's): "
+                       "each word weighted by its rarity")
     hyper.add_argument("--seed", type=int, default=0,
                        help=f"data order, dropout, fresh weights: 0 to {SEED_MAX} (default: 0)")
     keep = parser.add_argument_group(
@@ -221,9 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     running.add_argument("--eval-images", type=int, default=500,
                      help="validation images captioned at the end of the phase (default: "
                          "500; 0: none)")
-    running.add_argument("--eval-method", choices=("greedy", "topk", "beam"), default="topk",
+    running.add_argument("--eval-method", choices=("greedy", "topk", "beam"),
                          help="decoding for the end-of-phase captions (default: topk, as "
-                         "LensToWords evaluated)")
+                         "LensToWords evaluated; v1 greedy, v2 beam, as their notebooks)")
     running.add_argument("--plot", action="store_true", help="write loss.png")
     running.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() first (on TPU pods "
@@ -295,14 +297,27 @@ def prepare_run(args: argparse.Namespace, folder: RunFolder, interrupts: Interru
         start = folder.prepare(settings, args.resume, args.force, say)
     else:  # process 0 checks and clears the folder; the others only read it
         start = Start(resume=args.resume and latest.is_dir(), clear=False)
-    data = load_data(paths, settings)
+    generation = generation_of(cfg)
+    data = load_data(paths, settings, generation)
+    words: dict[str, Any] = {}
+    if generation is not None:  # v1/v2: the word vocabulary sizes the model
+        from lensjax.checkpoint import read_metadata
+
+        decoder = sources.get("decoder", FRESH)
+        metadata = (read_metadata(latest) if start.resume else
+                    None if decoder == FRESH else store.lensjax(Path(decoder))[1])
+        vocabulary = word_vocabulary(cfg, data, metadata, say)
+        cfg = sized_to(cfg, vocabulary)
+        words["tokenizer"] = vocabulary
+        if settings.loss == "weighted-words":
+            words["token_weights"] = loss_weights(vocabulary, data)
     params: dict[str, np.ndarray] | Resumed
     if start.resume:  # the weights come from latest/
         params, provenance = read_latest(latest), (folder.read_run() or {}).get("init", {})
     else:
         params, provenance = initial_params(cfg, sources, args.seed, store, say)
     trainer_run = PhaseRun(phase, settings, cfg, params, provenance, data, folder, interrupts,
-                           strict=args.strict, progress_bar=not args.quiet)
+                           strict=args.strict, progress_bar=not args.quiet, **words)
     return trainer_run, start
 
 

@@ -147,14 +147,17 @@ class Data:
                 else "no features in the cache")
 
 
-def _captions(paths: Sequence[str]) -> dict[str, list[str]]:
+def _captions(paths: Sequence[str], generation: str | None = None) -> dict[str, list[str]]:
+    """The sources' captions merged by image key; with `generation` (v1, v2) cleaned and
+    filtered as that generation's notebook did (`lensjax.data.word_vocab.clean_captions`)."""
     from lensjax.data.captions import caption_source
+    from lensjax.data.word_vocab import clean_captions
 
     merged: dict[str, list[str]] = {}
     for path in paths:
         for key, caps in caption_source(path).captions.items():
             merged.setdefault(key, []).extend(caps)
-    return merged
+    return merged if generation is None else clean_captions(merged, generation)
 
 
 def _feature_cache(folders: Sequence[str]):
@@ -165,37 +168,47 @@ def _feature_cache(folders: Sequence[str]):
     return FeatureCache([s for f in folders for s in sorted(Path(f).glob(SHARD_PREFIX + "*"))])
 
 
-def _split(captions: dict[str, list[str]], val_paths: Sequence[str]
+def _split(captions: dict[str, list[str]], val_paths: Sequence[str], split: str = "lenstowords",
+           generation: str | None = None
            ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(train, val): `val_paths`' captions, else LensToWords' 90/10 split (random.seed(42))."""
-    from lensjax.data.captions import seed_split
+    """(train, val): `val_paths`' captions, else a 90/10 split of the images: LensToWords'
+    (`split` "lenstowords": random.seed(42)) or v1/v2's ("sklearn": train_test_split,
+    random_state=42)."""
+    from lensjax.data.captions import seed_split, sklearn_split
 
     if val_paths:
-        return captions, _captions(val_paths)
-    train_keys, val_keys = seed_split(list(captions), seed=42, train_frac=0.9)
+        return captions, _captions(val_paths, generation)
+    if split == "sklearn":
+        train_keys, val_keys = sklearn_split(list(captions), test_size=0.1, random_state=42)
+    else:
+        train_keys, val_keys = seed_split(list(captions), seed=42, train_frac=0.9)
     return {k: captions[k] for k in train_keys}, {k: captions[k] for k in val_keys}
 
 
-def load_data(paths: DataPaths, settings: Settings) -> Data:
-    """Captions and features (or decoded images), split as LensToWords split them; with
-    --mix, each named source on its own."""
+def load_data(paths: DataPaths, settings: Settings, generation: str | None = None) -> Data:
+    """Captions and features (or decoded images), split as the phase splits them
+    (`settings.split`); with --mix, each named source on its own. `generation` (v1, v2):
+    the captions cleaned and filtered as that generation did."""
     from lensjax.data.captions import coco_subset
+
+    def split(sources: Sequence[str], val_sources: Sequence[str]):
+        return _split(_captions(sources, generation), val_sources, settings.split, generation)
 
     parts = {}
     if settings.mix is not None:
         for name, path in zip(paths.names, paths.data, strict=True):
             named_val = paths.named_val.get(name)
-            parts[name] = _split(_captions([path]), [named_val] if named_val else [])
+            parts[name] = split([path], [named_val] if named_val else [])
         train, val = parts[next(iter(settings.mix))]
     else:
-        train, val = _split(_captions(paths.data), paths.val_data)
+        train, val = split(paths.data, paths.val_data)
     if settings.subset is not None and settings.subset < len(train):
         train = {k: train[k] for k in coco_subset(list(train), settings.subset,
                                                     seed=settings.seed)}
         if parts:
             target = next(iter(settings.mix))
             parts[target] = (train, parts[target][1])
-    ewc = _captions(paths.ewc_data) if paths.ewc_data else {}
+    ewc = _captions(paths.ewc_data, generation) if paths.ewc_data else {}
     sources = [*paths.data, *paths.val_data, *paths.named_val.values(), *paths.ewc_data]
     if paths.images is None:
         return Data(train, val, _feature_cache(paths.features), sources, parts=parts, ewc=ewc)

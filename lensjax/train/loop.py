@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from lensjax.train.run_folder import (
     plot_losses,
 )
 from lensjax.train.settings import Settings
+
+if TYPE_CHECKING:
+    from lensjax.data.batching import Tokenizer
 
 
 class InterruptGuard:
@@ -83,18 +86,21 @@ class InterruptGuard:
 class PhaseRun:
     """One phase run: the loop, checkpoints, metrics and the end-of-phase evaluation.
     `progress` is where the loop is; `saved_step` the step latest/ holds (None: no
-    checkpoint yet). `strict`: images without inputs are an error, not skipped;
-    `progress_bar`: show one (process 0 only)."""
+    checkpoint yet). `tokenizer`: GPT-2's BPE, or a v1/v2 word vocabulary (saved with the
+    checkpoints); `token_weights` (V,): the weighted-words loss's. `strict`: images without
+    inputs are an error, not skipped; `progress_bar`: show one (process 0 only)."""
 
     def __init__(self, phase: Phase, settings: Settings, cfg,
                  params: dict[str, np.ndarray] | Resumed, provenance: dict[str, str],
                  data: Data, folder: RunFolder, interrupts: InterruptGuard, *,
+                 tokenizer: Tokenizer | None = None, token_weights: np.ndarray | None = None,
                  strict: bool = False, progress_bar: bool = True):
         import jax
 
         from lensjax.data.batching import CaptionBatches, MixedBatches
         from lensjax.data.tokenizer import GPT2Tokenizer
         from lensjax.lora import LoRASpec
+        from lensjax.train.plateau import PlateauSchedule
         from lensjax.train.step import Trainer
 
         self.phase, self.settings, self.cfg = phase, settings, cfg
@@ -104,7 +110,9 @@ class PhaseRun:
         self.progress, self.saved_step = Progress(), None
         self.main = jax.process_index() == 0
         devices = jax.device_count()
-        tokenizer = GPT2Tokenizer()
+        self.tokenizer = tokenizer = tokenizer or GPT2Tokenizer()
+        self.plateau = (None if settings.plateau is None
+                        else PlateauSchedule(settings.plateau, settings.learning_rates))
         process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
         tokens = {"tokenizer": tokenizer, "max_len": settings.max_len, **process}
         if settings.mix:  # per-source pairs, mixed per batch; validation per source
@@ -137,7 +145,8 @@ class PhaseRun:
         self.trainer = Trainer(cfg, settings.learning_rates, loss=settings.loss,
                                remat=settings.remat, dtype=settings.dtype,
                                from_pixels=settings.from_pixels, lora_spec=self.lora_spec,
-                               ewc_lambda=settings.ewc or 0.0)
+                               ewc_lambda=settings.ewc or 0.0, token_weights=token_weights,
+                               clip_norm=settings.clip_norm, optimizer=settings.optimizer)
         self.resumed = params if isinstance(params, Resumed) else None
         self.params = {} if self.resumed else params
 
@@ -145,11 +154,13 @@ class PhaseRun:
 
     def _metadata(self, progress: Progress | None) -> dict[str, Any]:
         from lensjax.checkpoint import GPT2_TOKENIZER
+        from lensjax.data.word_vocab import WordVocabulary
 
         meta: dict[str, Any] = {
             "family": type(self.cfg).family,
             "config": self.cfg.to_dict(),
-            "tokenizer": GPT2_TOKENIZER,
+            "tokenizer": (self.tokenizer.to_metadata()
+                          if isinstance(self.tokenizer, WordVocabulary) else GPT2_TOKENIZER),
             "provenance": {"created_by": "lensjax.train", "phase": self.phase.name,
                            "init": self.provenance, "data": self.data.sources,
                            "settings": self.settings.to_dict()},
@@ -181,6 +192,8 @@ class PhaseRun:
         progress = resumed.progress
         state = self.trainer.restore(resumed.params, resumed.opt_leaves, resumed.key,
                                      progress.step, self.folder.read_ewc(self.settings))
+        if progress.plateau is not None:
+            state = self.trainer.with_lr_scale(state, progress.plateau["scale"])
         self.saved_step = progress.step
         if self.main:
             self.folder.rewind_metrics(progress.step)
@@ -207,9 +220,10 @@ class PhaseRun:
         else:
             state = self.trainer.init(self.params, settings.seed, self.estimate_ewc())
             self.params = {}  # the state holds them now
+            if self.plateau is not None:
+                self.progress.plateau = self.plateau.initial()
         progress = self.progress
         per_epoch = len(self.batches)
-        lrs = settings.learning_rates
         window: list[float] = []
         window_start = time.perf_counter()
 
@@ -218,7 +232,7 @@ class PhaseRun:
             if window and self.main:
                 elapsed = time.perf_counter() - window_start
                 self.folder.log({"step": progress.step, "epoch": epoch + 1,
-                                 "train_loss": float(np.mean(window)), "lr": lrs,
+                                 "train_loss": float(np.mean(window)), "lr": self.rates(),
                                  "samples_per_s": len(window) * settings.batch_size / elapsed})
             window, window_start = [], time.perf_counter()
 
@@ -279,10 +293,45 @@ class PhaseRun:
                     f"{settings.patience} epochs without improvement)"))
             if improved:
                 self.save(BEST, state, None)
+            if self.plateau is not None:
+                state = self.reduce_on_plateau(state, val)
             self.save(LATEST, state, progress)
             if progress.stopped_early:
                 say(f"early stop: no improvement for {settings.patience} epochs")
         return progress
+
+    def rates(self) -> dict[str, float]:
+        """The learning rates now (the phase's, scaled by ReduceLROnPlateau)."""
+        scale = self.progress.plateau["scale"] if self.progress.plateau else 1.0
+        return {k: v * scale for k, v in self.settings.learning_rates.items()}
+
+    def reduce_on_plateau(self, state, val: float):
+        """The epoch's validation loss into the plateau schedule; when it lowers the
+        learning rates, `state` at the new scale (and, v2, with the best weights back)."""
+        import jax
+
+        from lensjax.checkpoint import load_checkpoint
+
+        before = self.progress.plateau["scale"]
+        self.progress.plateau = self.plateau.update(self.progress.plateau, val)
+        scale = self.progress.plateau["scale"]
+        if scale >= before:
+            return state
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in self.rates().items())
+        if self.plateau.reload_best:
+            say(f"learning rates reduced to {rates}; reloading the best weights")
+            if jax.process_count() > 1:  # process 0 has written best/ before anyone reads it
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("best weights written")
+            state = self.trainer.with_params(
+                state, load_checkpoint(self.folder.path / BEST, merge_lora=False)[0])
+        else:
+            say(f"learning rates reduced to {rates}")
+        if self.main:
+            self.folder.log({"step": self.progress.step, "event": "lr_reduced",
+                             "lr": self.rates(), "reloaded_best": self.plateau.reload_best})
+        return self.trainer.with_lr_scale(state, scale)
 
     def last_good(self) -> str:
         """Which step latest/ holds, for messages."""
@@ -295,7 +344,6 @@ class PhaseRun:
         """EWC's anchor (the initial trained weights) and diagonal Fisher on --ewc-data, saved
         into the run folder's ewc/ (None without --ewc)."""
         from lensjax.data.batching import CaptionBatches
-        from lensjax.data.tokenizer import GPT2Tokenizer
         from lensjax.train.step import Batch
 
         settings = self.settings
@@ -307,7 +355,7 @@ class PhaseRun:
         if len(pairs) < settings.batch_size:
             raise TrainError(f"--ewc-data: {len(pairs)} pairs cannot fill one batch of "
                              f"{settings.batch_size}")
-        batches = CaptionBatches(pairs, self.data.cache, GPT2Tokenizer(),
+        batches = CaptionBatches(pairs, self.data.cache, self.tokenizer,
                                  batch_size=settings.batch_size, max_len=settings.max_len,
                                  seed=settings.seed, process_index=jax.process_index(),
                                  process_count=jax.process_count())

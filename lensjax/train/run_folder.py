@@ -37,6 +37,7 @@ class Progress:
     best_val: float = math.inf
     bad_epochs: int = 0
     stopped_early: bool = False
+    plateau: dict[str, float] | None = None  # lensjax.train.plateau's state (v1/v2 phases)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,10 @@ class Settings:
     mix: dict[str, float] | None = None  # source name -> share of each batch; first: target
     ewc: float | None = None  # EWC's lambda
     ewc_batches: int | None = None  # batches of --ewc-data the Fisher is estimated on
+    split: str = "lenstowords"  # lensjax.phases.SPLITS
+    plateau: dict[str, Any] | None = None  # lensjax.phases.Plateau's fields
+    clip_norm: float | None = None
+    optimizer: str = "adam"  # lensjax.optim.OPTIMIZERS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,12 +157,16 @@ def resolve_settings(args: argparse.Namespace, phase: Phase, devices: int) -> Se
         save_every=args.save_every,
         val_batches=args.val_batches,
         eval_images=args.eval_images,
-        eval_method=args.eval_method,
+        eval_method=args.eval_method or phase.eval_method,
         plot=args.plot,
         lora=None if args.lora is None else _lora_spec(args.lora).to_dict(),
         mix=None if args.mix is None else mix_weights(args.mix),
         ewc=_ewc_lambda(args),
         ewc_batches=args.ewc_batches if args.ewc is not None else None,
+        split=phase.split,
+        plateau=None if phase.plateau is None else dataclasses.asdict(phase.plateau),
+        clip_norm=phase.clip_norm,
+        optimizer=phase.optimizer,
     )
     if settings.batch_size % devices:
         raise TrainError(f"--batch-size {settings.batch_size} must be divisible by the "
@@ -211,6 +219,18 @@ def fit_model(settings: Settings, cfg) -> Settings:
     mode the latents take some; the end-of-phase captions take BOS + max_len - 1 new tokens),
     and a phase that reads images needs a model with an encoder; the image size is the
     model's."""
+    from lensjax.models.lstm import WordModelConfig
+    from lensjax.train.step import GPT2_LOSSES, WORD_LOSSES
+
+    words = isinstance(cfg, WordModelConfig)
+    losses = WORD_LOSSES if words else GPT2_LOSSES
+    if settings.loss not in losses:
+        raise TrainError(f"--loss {settings.loss}: a {type(cfg).family} model takes "
+                         f"{' or '.join(losses)}")
+    if words and settings.from_pixels:
+        raise TrainError(f"{type(cfg).family} phases train on InceptionV3 features (python -m "
+                         f"lensjax.extract --family {type(cfg).family}), not images: the "
+                         "original never trained its InceptionV3")
     if settings.image_size is not None and settings.image_size != cfg.image_size:
         raise TrainError(f"--image-size {settings.image_size}: the run's model takes "
                          f"{cfg.image_size}-pixel images")

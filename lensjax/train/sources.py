@@ -129,8 +129,10 @@ def model_config(phase: Phase, sources: dict[str, str | Path], preset: str | Non
         encoder_cfg = cfg if cfg.encoder else preset_config(phase.preset)
     if phase.mode is not None:
         cfg = dataclasses.replace(cfg, mode=phase.mode)
-    return dataclasses.replace(cfg, encoder=encoder_cfg.encoder if encoder_cfg else None,
-                               head=encoder_cfg.head if encoder_cfg else None)
+    image = {"encoder": encoder_cfg.encoder if encoder_cfg else None}
+    if "head" in {f.name for f in dataclasses.fields(cfg)}:  # v1/v2's InceptionV3 has none
+        image["head"] = encoder_cfg.head if encoder_cfg else None
+    return dataclasses.replace(cfg, **image)
 
 
 def initial_params(cfg, sources: Mapping[str, str | Path], seed: int, store: Checkpoints,

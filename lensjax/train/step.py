@@ -27,29 +27,51 @@ from lensjax.data.tokenizer import EOS_ID
 from lensjax.optim import build_optimizer, labels_for, split_trainable
 from lensjax.params import module_from_flat
 
-LossMode = Literal["seed", "eos"]
+LossMode = Literal["seed", "eos", "words", "weighted-words"]
+# Every loss mode, for flags: the v3 families' (GPT-2 tokens) and the word families' (v1/v2).
+GPT2_LOSSES, WORD_LOSSES = ("eos", "seed"), ("words", "weighted-words")
+WORD_PAD = 0  # the word vocabularies' padding index
 
 
 def caption_loss(logits: jax.Array, targets: jax.Array, lengths: jax.Array,
-                 mode: LossMode = "eos") -> jax.Array:
+                 mode: LossMode = "eos", token_weights: jax.Array | None = None) -> jax.Array:
     """Mean cross-entropy over the target positions that count.
 
     logits (B, T, V), targets (B, T) int, lengths (B,) caption tokens per row.
     "seed" (LensToWords' exactly): every 50256 target is ignored, so the model never learns to
     stop. "eos": also trains the first 50256 after the caption, so generation ends by itself.
+    "words" (v1/v2, word vocabularies): every target but the padding 0 counts;
+    "weighted-words" (v2): the same, each loss weighted by its target's `token_weights` (V,),
+    the mean still over the counted positions (the notebook's `masked_weighted_loss`).
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return mean_counted(losses, targets, lengths, mode)
+    return mean_counted(losses, targets, lengths, mode, token_weights)
+
+
+def counted_positions(targets, lengths, mode: LossMode = "eos", xp=jnp):
+    """Which target positions (B, T) bool the loss of `mode` counts (`xp`: jax.numpy, or
+    numpy on the host)."""
+    if mode in WORD_LOSSES:
+        return targets != WORD_PAD
+    counted = targets != EOS_ID
+    if mode == "eos":
+        counted |= xp.arange(targets.shape[1])[None, :] == lengths[:, None]
+    elif mode != "seed":
+        raise ValueError(f"unknown loss {mode!r}: use one of "
+                         f"{', '.join(GPT2_LOSSES + WORD_LOSSES)}")
+    return counted
 
 
 def mean_counted(losses: jax.Array, targets: jax.Array, lengths: jax.Array,
-                 mode: LossMode = "eos") -> jax.Array:
-    """The mean of per-position losses (B, T) over the positions `caption_loss` counts."""
-    counted = targets != EOS_ID
-    if mode == "eos":
-        counted |= jnp.arange(targets.shape[1])[None, :] == lengths[:, None]
-    elif mode != "seed":
-        raise ValueError(f"unknown loss {mode!r}: use 'seed' or 'eos'")
+                 mode: LossMode = "eos", token_weights: jax.Array | None = None
+                 ) -> jax.Array:
+    """The mean of per-position losses (B, T) over the positions `caption_loss` counts
+    ("weighted-words": each weighted by `token_weights[target]`)."""
+    counted = counted_positions(targets, lengths, mode)
+    if mode == "weighted-words":
+        if token_weights is None:
+            raise ValueError("the weighted-words loss needs token_weights")
+        losses = losses * jnp.take(token_weights, targets)
     return jnp.sum(losses * counted) / jnp.maximum(jnp.sum(counted), 1)
 
 
@@ -78,6 +100,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     key: jax.Array  # raw uint32 key data (jax.random.key_data), so hosts can share it
     ewc: EWC = EWC({}, {})
+    lr_scale: Any = np.float32(1)  # every learning rate's factor (ReduceLROnPlateau's)
 
 
 class Batch(NamedTuple):
@@ -104,9 +127,7 @@ def trim_padding(batch: Batch, mode: LossMode = "eos", bucket: int = LENGTH_BUCK
     captions rarely need more than 32."""
     targets = np.asarray(batch.targets)
     columns = np.arange(targets.shape[1])
-    counted = targets != EOS_ID
-    if mode == "eos":
-        counted |= columns[None, :] == np.asarray(batch.lengths)[:, None]
+    counted = counted_positions(targets, np.asarray(batch.lengths), mode, np)
     used = int(columns[counted.any(axis=0)].max(initial=0)) + 1
     keep = min(targets.shape[1], -(-used // bucket) * bucket)
     if keep == targets.shape[1]:
@@ -135,13 +156,21 @@ class Trainer:
         from_pixels: bool = False,
         lora_spec: lora.LoRASpec | None = None,
         ewc_lambda: float = 0.0,
+        token_weights: np.ndarray | None = None,
+        clip_norm: float | None = None,
+        optimizer: str = "adam",
     ):
         """`remat`: gradient checkpointing of the GPT-2 blocks (and of the encoder stages).
         `dtype` bfloat16: compute in bfloat16 (mixed precision); parameters and optimizer
         state stay float32. `from_pixels`: batches carry images, which the model's encoder
         and head turn into features inside the step (so the encoder can train).
         `lora_spec`: adapters on its targets (trained at `learning_rates["lora"]`).
-        `ewc_lambda` > 0: the EWC penalty with the `EWC` given to `init`."""
+        `ewc_lambda` > 0: the EWC penalty with the `EWC` given to `init`.
+        `token_weights` (V,): the "weighted-words" loss's per-word weights. `clip_norm`:
+        each weight's gradient clipped to that norm on its own (Keras' `clipnorm`).
+        `optimizer`: "adam" (optax's) or "keras-adam" (Keras', for v1/v2)."""
+        if (loss == "weighted-words") != (token_weights is not None):
+            raise ValueError("token_weights go with the weighted-words loss, and only there")
         if from_pixels and (cfg.encoder is None or cfg.head is None):
             raise ValueError("training from pixels needs a model with an image encoder and "
                              "its head")
@@ -154,6 +183,9 @@ class Trainer:
         self._loss = loss
         self.lora_spec = lora_spec
         self.ewc_lambda = float(ewc_lambda)
+        self.token_weights = (None if token_weights is None
+                              else np.asarray(token_weights, np.float32))
+        self.clip_norm, self.optimizer_name = clip_norm, optimizer
         self._labels: dict[str, str] | None = None
         self.optimizer: optax.GradientTransformation | None = None
         self._step: Callable | None = None
@@ -176,7 +208,9 @@ class Trainer:
         if (self.ewc_lambda > 0) != (ewc is not None):
             raise ValueError("EWC needs both ewc_lambda > 0 and its anchor and Fisher")
         self._labels = labels_for(params, self.learning_rates)
-        self.optimizer = build_optimizer(self._labels, self.learning_rates)
+        self.optimizer = build_optimizer(self._labels, self.learning_rates,
+                                         optimizer=self.optimizer_name,
+                                         clip_norm=self.clip_norm)
         trainable, frozen = split_trainable(
             {p: np.asarray(v, np.float32) for p, v in params.items()}, self._labels)
         opt_state = self.optimizer.init({**trainable, **frozen})
@@ -240,7 +274,9 @@ class Trainer:
         losses = model.token_losses(features, batch.inputs, batch.targets,
                                     rngs=None if key is None else nnx.Rngs(dropout=key),
                                     remat=remat)
-        return mean_counted(losses, batch.targets, batch.lengths, self._loss)
+        loss = mean_counted(losses, batch.targets, batch.lengths, self._loss,
+                            self.token_weights)
+        return loss + model.regularization() if hasattr(model, "regularization") else loss
 
     def _build_eval(self) -> Callable:
         def evaluate(state: TrainState, batch: Batch) -> jax.Array:
@@ -266,8 +302,9 @@ class Trainer:
             full_grads = {**grads, **jax.tree.map(jnp.zeros_like, state.frozen)}
             updates, opt_state = optimizer.update(full_grads, state.opt_state,
                                                   {**state.trainable, **state.frozen})
-            trainable = optax.apply_updates(state.trainable,
-                                            {p: updates[p] for p in state.trainable})
+            # Adam's update is linear in its learning rate: scaling it scales every rate.
+            trainable = optax.apply_updates(
+                state.trainable, {p: updates[p] * state.lr_scale for p in state.trainable})
             return (state._replace(step=state.step + 1, trainable=trainable,
                                    opt_state=opt_state),
                     {"loss": loss, "grad_norm": optax.global_norm(grads)})
@@ -333,6 +370,17 @@ class Trainer:
         if self._eval is None:
             raise RuntimeError("call Trainer.init(params) first")
         return float(self._eval(state, self.shard_batch(batch)))
+
+    def with_lr_scale(self, state: TrainState, scale: float) -> TrainState:
+        """`state` with every learning rate multiplied by `scale` (relative to the phase's)."""
+        return state._replace(lr_scale=self._replicate(np.float32(scale)))
+
+    def with_params(self, state: TrainState, params: Mapping[str, Any]) -> TrainState:
+        """`state` with the trained weights `params` holds put back (optimizer state and
+        everything else kept: Keras' `set_weights`)."""
+        trainable = {p: params[p] for p in state.trainable if p in params}
+        return state._replace(trainable={**state.trainable, **self._replicate(
+            {p: np.asarray(v, np.float32) for p, v in trainable.items()})})
 
     @staticmethod
     def params(state: TrainState) -> dict[str, np.ndarray]:

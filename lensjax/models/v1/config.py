@@ -1,7 +1,8 @@
 """v1's configuration: InceptionV3 (optional) -> pooled 2048-d features -> `V1Decoder`.
 
 Presets: `v1` (the notebook's `model`, Add fusion), `v1-concat` (its `model1`: Concatenate,
-L2 1e-4 on the LSTM kernels) and `v1-tiny` (small sizes, no encoder, for tests).
+L2 1e-4 on the LSTM kernels) and `v1-tiny` (a small decoder over InceptionV3's 2048-wide
+features, no encoder, for tests).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class V1Config(WordModelConfig):
 
 
 def _tiny() -> V1Config:
-    decoder = V1DecoderConfig(vocab_size=40, feature_dim=32, embed_dim=16, hidden=24,
+    decoder = V1DecoderConfig(vocab_size=40, feature_dim=2048, embed_dim=16, hidden=24,
                               image_dim=24, merge_dim=16)
     return V1Config(decoder, encoder=None, max_len=12, preset="v1-tiny")
 

@@ -1,6 +1,7 @@
 """v2's configuration: InceptionV3 (optional) -> mixed10 as (64, 2048) -> `V2Decoder`.
 
-Presets: `v2` (the notebook's final model) and `v2-tiny` (small sizes, no encoder, for tests).
+Presets: `v2` (the notebook's final model) and `v2-tiny` (a small decoder over InceptionV3's
+2048-wide features, no encoder, for tests).
 """
 
 from __future__ import annotations
@@ -28,6 +29,6 @@ class V2Config(WordModelConfig):
 
 PRESETS: dict[str, V2Config] = {
     "v2": V2Config(preset="v2"),
-    "v2-tiny": V2Config(V2DecoderConfig(vocab_size=40, feature_dim=32, patches=64, dim=16),
+    "v2-tiny": V2Config(V2DecoderConfig(vocab_size=40, feature_dim=2048, patches=64, dim=16),
                         encoder=None, max_len=12, preset="v2-tiny"),
 }

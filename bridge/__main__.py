@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="best_decoder.pth (the Transformer, with its positional_encoding)")
     words = imp.add_argument_group("v1/v2 files (--keras and --vocab needed)")
     words.add_argument("--keras", type=Path,
-                       help="the notebook's best_model.keras (its ModelCheckpoint file)")
+                       help="the notebook's best_model.keras (its ModelCheckpoint file), or "
+                       "a whole model saved as legacy HDF5 (model.save('x.h5'), Keras 3)")
     words.add_argument("--vocab", type=Path,
                        help="its vocabulary: vectorizer.get_vocabulary() one word per line, "
                        "the first line empty (padding)")

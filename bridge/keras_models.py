@@ -72,7 +72,10 @@ class KerasGraph:
         body = config["config"]
         outputs = body["output_layers"]  # [name, node, index], or a list of those
         outputs = [outputs] if outputs and isinstance(outputs[0], str) else outputs
-        return cls(list(body["layers"]), [entry[0] for entry in outputs], path)
+        # A legacy .h5 names a registered custom class "Package>Class"
+        layers = [{**layer, "class_name": layer["class_name"].rpartition(">")[2]}
+                  for layer in body["layers"]]
+        return cls(layers, [entry[0] for entry in outputs], path)
 
     def layer(self, name: str) -> dict[str, Any]:
         return next(layer for layer in self.layers if layer["name"] == name)
@@ -143,11 +146,21 @@ class KerasModel:
         return found
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# The sublayers of the notebook's TemporalImageAttention, in the order it creates them (the
+# order a legacy .h5 lists their weights in).
+ATTENTION_CHILDREN = ("W_img", "W_txt", "V")
+
+
 def read_keras_model(path: str | os.PathLike) -> KerasModel:
-    """Read a `.keras` archive; BridgeError naming the file when it is not one."""
+    """Read a `.keras` archive, or a legacy whole-model `.h5` (`model.save("x.h5")`);
+    BridgeError naming the file when it is neither."""
     import h5py
 
     path = Path(path)
+    with open(path, "rb") as handle:
+        if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+            return read_legacy_keras_model(path)
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
@@ -173,6 +186,41 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
         root["layers"].visititems(visit)
     graph = KerasGraph.from_config(config, path)
     return KerasModel(graph, variables, {**graph.weight_keys(), **named})
+
+
+def read_legacy_keras_model(path: Path) -> KerasModel:
+    """A whole-model HDF5 file as Keras 3 writes it: the graph in the root's `model_config`
+    attribute (config.json's content), each layer's weights by its name under
+    `model_weights` (`bridge.keras_h5`), nested layers' weights in one list that is split
+    here: an LSTM's are its cell's, the attention layer's its three Dense sublayers'."""
+    import h5py
+
+    from bridge.keras_h5 import read_keras_weights
+
+    with h5py.File(path, "r") as root:
+        config = root.attrs.get("model_config")
+        if config is None or "model_weights" not in root:
+            raise BridgeError(f"{path}: an HDF5 file without a model (no model_config or "
+                              "model_weights): a weights-only file? Give the whole model, "
+                              "saved with model.save()")
+        config = json.loads(config.decode() if isinstance(config, bytes) else config)
+    graph = KerasGraph.from_config(config, path)
+    if any(layer["inbound_nodes"] and not isinstance(layer["inbound_nodes"][0], dict)
+           for layer in graph.layers):
+        raise BridgeError(f"{path}: written by Keras 2 (its graph lists inbound nodes "
+                          "as lists); load it in Keras 3 and save it as .keras")
+    variables: dict[str, list[np.ndarray]] = {}
+    for name, arrays in read_keras_weights(path).layers.items():
+        class_name = graph.layer(name)["class_name"]
+        if class_name == "LSTM":
+            variables[f"{name}/cell"] = arrays
+        elif class_name == "TemporalImageAttention" and len(arrays) == 6:
+            for index, child in enumerate(ATTENTION_CHILDREN):
+                variables[f"{name}/{child}"] = arrays[2 * index : 2 * index + 2]
+        else:
+            variables[name] = arrays
+    return KerasModel(graph, variables, {layer["name"]: layer["name"]
+                                         for layer in graph.layers})
 
 
 def _dense(model: KerasModel, layer: str, prefix: str) -> Params:

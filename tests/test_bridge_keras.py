@@ -13,6 +13,7 @@ from bridge.io import BridgeError
 from bridge.keras_models import import_keras, snake_case
 from lensjax import load_pretrained
 from lensjax.data.word_vocab import WordVocabulary
+from lensjax.params import flat_params
 
 VOCAB, MAX_LEN = 30, 7
 
@@ -90,6 +91,27 @@ def test_a_v2_keras_file_imports_through_the_cli_and_loads_with_its_vocabulary(t
     captions = [model.tokenizer.decode_caption(row)
                 for row in model.generate(features, "beam", max_new_tokens=5)]
     assert all(set(text.split()) <= set(model.tokenizer.words) for text in captions)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_a_legacy_whole_model_h5_imports_as_its_keras_archive(family, tmp_path):
+    reference = (keras_notebooks.v1_model(VOCAB, MAX_LEN, "concat") if family == "v1"
+                 else keras_notebooks.v2_model(VOCAB, MAX_LEN))
+    vocab = _vocabulary(tmp_path / "vocab.txt")
+    archive = import_keras(family, _saved(reference, tmp_path / "best_model.keras"), vocab)
+    legacy = import_keras(family, _saved(reference, tmp_path / "best_model.h5"), vocab)
+    assert legacy.config == archive.config
+    ours, theirs = flat_params(legacy.module), flat_params(archive.module)
+    assert sorted(ours) == sorted(theirs)
+    for path in ours:
+        np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
+
+
+def test_a_weights_only_h5_is_refused_as_a_model(tmp_path):
+    reference = keras_notebooks.v1_model(VOCAB, MAX_LEN)
+    reference.save_weights(tmp_path / "model.weights.h5")
+    with pytest.raises(BridgeError, match="without a model.*whole model"):
+        import_keras("v1", tmp_path / "model.weights.h5", _vocabulary(tmp_path / "vocab.txt"))
 
 
 def test_a_vocabulary_of_another_size_is_refused_naming_both(tmp_path):

@@ -69,10 +69,20 @@ initial weights (--init KEY=SOURCE, comma-separated or repeated):
   gpt2=PATH         the pretrained GPT-2 for 2a/2c: an HF gpt2 folder (read through the
                     bridge, needs torch) or a lensjax checkpoint; also overrides where any
                     phase's GPT-2 comes from
-  perceiver=, xattn=, encoder=PATH (v3b), projection_head=, decoder=PATH (v3a)
+  perceiver=, xattn=, encoder=PATH (v3b), projection_head=, decoder=PATH (v3a),
+  decoder=, encoder=PATH (v1/v2: a word decoder brings its vocabulary, an encoder its
+                    InceptionV3)
                     take that component from PATH instead; SOURCE `fresh` re-initialises it.
                     Unless a phase trains it, the encoder is carried from the first
                     checkpoint that has one, so the result can caption image files
+
+v1 and v2 (the first generations, word models over InceptionV3 features):
+  --data takes the original's Instagram CSVs; captions are cleaned (and, v2, filtered) as the
+  notebooks did, split 90/10 as sklearn's train_test_split(random_state=42), and the word
+  vocabulary is built from them (unless the decoder comes from a checkpoint) and saved in
+  latest/ and best/. --features: python -m lensjax.extract IMAGES --family v1|v2 --inception
+  WEIGHTS --out DIR. Keras' Adam, ReduceLROnPlateau on the validation loss (its state resumes
+  with --resume) and early stopping as in the notebooks; see the table above.
 
 training the image encoder:
   --lr encoder=1e-4,encoder_head=1e-3 trains the ConvNeXt and its multi-scale head (0 freezes
@@ -90,6 +100,7 @@ examples:
   python -m lensjax.train --phase 2d --lr perceiver=2e-5,gpt2=5e-6 --epochs 10
   python -m lensjax.train --phase 3a --init 2d=weights/v3b --batch-size 64 --plot
   python -m lensjax.train --phase 2d --resume            # continue a killed run
+  python -m lensjax.train --phase v2 --data data/instagram.csv --features features/v2
   python -m lensjax.train --phase 2d --lr encoder=1e-4,encoder_head=1e-3 \\
       --images data/flickr30k/images                     # fine-tune the encoder too
 
@@ -156,8 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--lr", action="append", metavar="COMPONENT=RATE,...",
                        help="learning rates: encoder, encoder_head (these read --images); "
                        "v3b: perceiver, gpt2 (blocks and embeddings; `lm` alone for "
-                       "wte/wpe/ln_f), xattn; v3a: projection_head, decoder; lora (the "
-                       "adapters of --lora); 0 freezes a component")
+                       "wte/wpe/ln_f), xattn; v3a: projection_head, decoder; v1/v2: "
+                       "decoder; lora (the adapters of --lora); 0 freezes a component")
     hyper.add_argument("--notebook-lr", action="store_true",
                        help="2a/2c: the notebooks' learning rate (1e-5) instead of the README's")
     hyper.add_argument("--epochs", type=int, help="at most N >= 1 epochs (default: per phase)")

@@ -303,7 +303,8 @@ class PhaseRun:
     def rates(self) -> dict[str, float]:
         """The learning rates now (the phase's, scaled by ReduceLROnPlateau)."""
         scale = self.progress.plateau["scale"] if self.progress.plateau else 1.0
-        return {k: v * scale for k, v in self.settings.learning_rates.items()}
+        # 7 digits: the scale is a float32 product
+        return {k: float(f"{v * scale:.7g}") for k, v in self.settings.learning_rates.items()}
 
     def reduce_on_plateau(self, state, val: float):
         """The epoch's validation loss into the plateau schedule; when it lowers the

@@ -49,7 +49,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def test_phase_table_has_every_phase_of_the_original_and_the_demo():
     assert list(PHASES) == ["2a", "2b", "2c", "2d", "3a", "3a-ext", "3b", "recovery", "3c",
-                            "v3a", "demo-prepend", "demo-inject", "demo-all"]
+                            "v3a", "v1", "v2", "demo-prepend", "demo-inject", "demo-all"]
     assert PHASES["2a"].learning_rates == {"perceiver": 1e-4}  # the README's value
     assert PHASES["2a"].notebook_learning_rates == {"perceiver": 1e-5}
     assert PHASES["2c"].learning_rates == {"xattn": 1e-4}
@@ -61,6 +61,13 @@ def test_phase_table_has_every_phase_of_the_original_and_the_demo():
     assert v3a.notebook_learning_rates == {"projection_head": 1e-5, "decoder": 1e-5}
     assert (v3a.preset, v3a.mode, v3a.loss) == ("v3a", None, "seed")
     assert (v3a.batch_size, v3a.epochs, v3a.patience) == (64, 50, 7)
+    v1, v2 = PHASES["v1"], PHASES["v2"]  # the notebooks' model.fit settings
+    assert (v1.learning_rates, v2.learning_rates) == ({"decoder": 1e-3}, {"decoder": 2e-4})
+    assert (v1.batch_size, v1.epochs, v1.patience, v2.patience) == (64, 50, 5, 8)
+    assert (v1.plateau.factor, v1.plateau.patience, v1.plateau.reload_best) == (0.9, 2, False)
+    assert (v2.plateau.factor, v2.plateau.patience, v2.plateau.reload_best) == (0.5, 4, True)
+    assert (v1.clip_norm, v2.clip_norm, v2.loss, v1.split) == (None, 0.5, "weighted-words",
+                                                               "sklearn")
 
 
 def test_help_shows_every_phase_default(capsys):

@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lensjax-installed
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist; most of a test's time is XLA compiling,
+# which uses one core); 1 runs them in this process.
+PYTEST_JOBS ?= 2
 
 .PHONY: demo forgetting test lint install clean
 
@@ -25,7 +28,7 @@ forgetting: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check lensjax bridge experiments tests
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out forgetting_out

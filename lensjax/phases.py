@@ -51,8 +51,6 @@ DATASETS: Mapping[str, str] = MappingProxyType({
     "instagram-raw": "the original's Instagram CSVs as v1/v2 read them (cleaned and filtered "
                      "by lensjax), 90/10 split (sklearn train_test_split, random_state=42)",
 })
-# How captions are split into training and validation images when no --val-data is given.
-SPLITS = ("lenstowords", "sklearn")
 ALL_DECODER = ("perceiver", "gpt2", "lm", "xattn")
 
 
@@ -94,7 +92,9 @@ class Phase:
     subset: int | None = None
     max_steps: int | None = None
     loss: str = "eos"
-    split: str = "lenstowords"  # how captions without --val-data are split (see DATASETS)
+    # how the images are split without --val-data: "lenstowords" (random.seed(42)) or
+    # "sklearn" (v1/v2's train_test_split); see DATASETS
+    split: str = "lenstowords"
     plateau: Plateau | None = None
     clip_norm: float | None = None  # Keras' clipnorm: each weight's gradient on its own
     optimizer: str = "adam"  # lensjax.optim.OPTIMIZERS

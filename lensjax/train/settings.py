@@ -57,7 +57,7 @@ class Settings:
     mix: dict[str, float] | None = None  # source name -> share of each batch; first: target
     ewc: float | None = None  # EWC's lambda
     ewc_batches: int | None = None  # batches of --ewc-data the Fisher is estimated on
-    split: str = "lenstowords"  # lensjax.phases.SPLITS
+    split: str = "lenstowords"  # lensjax.phases.Phase.split
     plateau: dict[str, Any] | None = None  # lensjax.phases.Plateau's fields
     clip_norm: float | None = None
     optimizer: str = "adam"  # lensjax.optim.OPTIMIZERS

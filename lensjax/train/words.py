@@ -23,7 +23,8 @@ from lensjax.train.messages import TrainError
 
 
 def generation_of(cfg) -> str | None:
-    """"v1" or "v2" for a word model's configuration; None for the GPT-2 families."""
+    """The generation of a word model's configuration ("v1" or "v2"); None for the GPT-2
+    families."""
     from lensjax.models.lstm import WordModelConfig
 
     return type(cfg).family if isinstance(cfg, WordModelConfig) else None

@@ -34,16 +34,16 @@ class PlateauSchedule:
             atol=plateau["min_delta"], min_scale=min(1.0, plateau["min_lr"] / top))
         self._update = jax.jit(lambda state, value: self._transform.update(
             {}, state, value=value)[1])
+        self._initial = self._transform.init(jnp.zeros((), jnp.float32))
 
     def initial(self) -> dict[str, float]:
         """The state before the first epoch (scale 1)."""
-        return self._saved(self._transform.init(jnp.zeros((), jnp.float32)))
+        return self._saved(self._initial)
 
     def update(self, saved: Mapping[str, float], val_loss: float) -> dict[str, float]:
         """The state after an epoch whose validation loss is `val_loss`."""
-        state = self._transform.init(jnp.zeros((), jnp.float32))
-        state = state._replace(**{k: jnp.asarray(saved[k], getattr(state, k).dtype)
-                                  for k in _SAVED})
+        dtypes = {k: getattr(self._initial, k).dtype for k in _SAVED}
+        state = self._initial._replace(**{k: jnp.asarray(saved[k], dtypes[k]) for k in _SAVED})
         return self._saved(self._update(state, jnp.float32(val_loss)))
 
     @staticmethod

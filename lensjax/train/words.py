@@ -33,12 +33,9 @@ def generation_of(cfg) -> str | None:
 def _every_caption(data: Data) -> Iterator[str]:
     """The cleaned captions of the training and validation sets (and of each --mix source),
     the corpus the notebooks adapted their vectorizer on."""
-    parts = [data.train, data.val, *(c for pair in data.parts.values() for c in pair)]
-    seen: set[int] = set()
-    for part in parts:
-        if id(part) in seen:  # with --mix, train and val are the target's own dicts
-            continue
-        seen.add(id(part))
+    # with --mix, `parts` holds every source's (train, val), the target's among them
+    pairs = data.parts.values() if data.parts else [(data.train, data.val)]
+    for part in (captions for pair in pairs for captions in pair):
         for captions in part.values():
             yield from captions
 

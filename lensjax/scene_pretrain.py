@@ -6,18 +6,28 @@ weights, and a random encoder does not see the synthetic shapes' kinds (BENCHMAR
 demo"); learned from the captions alone, the kind comes too late for a demo's minutes. This
 trains the encoder and its multi-scale head on what `scenes.jsonl` says each image shows:
 each of the head's (pool x pool) tokens predicts the kind, colour and size of the shape whose
-box covers its cell (or "none"), and the mean token predicts the background. The loss
-averages over shapes (each shape's cells together weigh one, so a small shape on one cell
-counts as much as a large one on six) and, separately, over the empty cells, so the few cells
-that hold a shape are not drowned by the many that do not.
+box covers its cell (or "none") and that shape's place from the left (first, second, third),
+and the mean token predicts the background and the number of shapes. The loss averages over
+shapes (each shape's cells together weigh one, so a small shape on one cell counts as much as
+a large one on six) and, separately, over the empty cells, so the few cells that hold a shape
+are not drowned by the many that do not.
+
+A preset with a Perceiver (v3b's) has its Perceiver pretrained too, on top of the tokens
+(through a stop-gradient, at `--perceiver-lr`): its first latents each read one shape from
+the left (kind, colour, size, or none), the next the background and the count. The Perceiver
+reads the 64 tokens as a set (it has no positional embedding), and a decoder trained from
+scratch on the captions does not learn within a demo's minutes to tell which colour and size
+go with which kind; with the latents already one per shape (and the place in the tokens to
+tell them apart), it does far more often (BENCHMARKS.md, "make demo").
 
     python -m lensjax.scene_pretrain demo_out/shapes --preset demo --image-size 128 \\
         --steps 1500 --out demo_out/encoder
 
-The checkpoint is a whole captioner of the preset whose encoder and head are trained (its
-other components random), so `python -m lensjax.extract --weights` and `--init encoder=`
-read it as any other. Only the set's training images are seen: the split is the training
-CLI's (`seed_split`, seed 42, 90%), and the held-out accuracies are measured on the rest.
+The checkpoint is a whole captioner of the preset whose encoder, head and Perceiver are
+trained (its language model and cross-attention random), so `python -m lensjax.extract
+--weights`, `--init encoder=` and `--init perceiver=` read it as any other. Only the set's
+training images are seen: the split is the training CLI's (`seed_split`, seed 42, 90%), and
+the held-out accuracies are measured on the rest.
 """
 
 from __future__ import annotations
@@ -53,7 +63,15 @@ from lensjax.cli import (
 from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.image_cache import ImageCache
 from lensjax.data.images import normalise
-from lensjax.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, read_scenes
+from lensjax.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    MAX_SHAPES,
+    SHAPES,
+    SIZES,
+    Scene,
+    read_scenes,
+)
 from lensjax.models.families import family_of, preset_config
 from lensjax.models.layers import Linear
 from lensjax.params import new_module
@@ -64,17 +82,25 @@ _KINDS, _COLOURS, _SIZES, _BACKGROUNDS = (tuple(SHAPES), tuple(COLOURS), tuple(S
 
 class SceneTargets(NamedTuple):
     """Per-image labels: `kind`, `colour`, `size` int32 (N, grid*grid), 0 = no shape in the
-    cell, else 1 + the index in the synthetic set's list; `weight` float32 (N, grid*grid),
+    cell, else 1 + the index in the synthetic set's list; `order` int32 (N, grid*grid), 0 = no
+    shape, else the shape's place from the left (1, 2, 3); `weight` float32 (N, grid*grid),
     1 / the number of cells of the cell's shape (0 for empty cells), so that every shape
     counts the same in the loss, small or large; `centre` bool (N, grid*grid), the cell
-    holding each shape's box centre; `background` int32 (N,)."""
+    holding each shape's box centre; `background` int32 (N,); `count` int32 (N,), the number
+    of shapes; `slot_kind`, `slot_colour`, `slot_size` int32 (N, MAX_SHAPES), the shapes from
+    the left (0 where the scene has fewer), for the Perceiver's first latents."""
 
     kind: np.ndarray
     colour: np.ndarray
     size: np.ndarray
+    order: np.ndarray
     weight: np.ndarray
     centre: np.ndarray
     background: np.ndarray
+    count: np.ndarray
+    slot_kind: np.ndarray
+    slot_colour: np.ndarray
+    slot_size: np.ndarray
 
     def rows(self, index: np.ndarray) -> SceneTargets:
         return SceneTargets(*(field[index] for field in self))
@@ -85,15 +111,17 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
     flattens its pooled maps. A cell takes a shape's labels when its centre lies in the
     shape's box, and the cell holding the box centre always does (a small shape covers at
     least one cell). `image_side`: the side in pixels the scenes' boxes are given in."""
-    count = len(scenes)
-    kind, colour, size = (np.zeros((count, grid, grid), np.int32) for _ in range(3))
-    weight = np.zeros((count, grid, grid), np.float32)
-    centre = np.zeros((count, grid, grid), bool)
+    images = len(scenes)
+    kind, colour, size, order = (np.zeros((images, grid, grid), np.int32) for _ in range(4))
+    weight = np.zeros((images, grid, grid), np.float32)
+    centre = np.zeros((images, grid, grid), bool)
+    slots = np.zeros((3, images, MAX_SHAPES), np.int32)  # kind, colour, size
     background = np.array([_BACKGROUNDS.index(s.background) for s in scenes], np.int32)
+    shapes = np.array([len(s.shapes) for s in scenes], np.int32)
     cell = image_side / grid
     middles = (np.arange(grid) + 0.5) * cell
     for n, scene in enumerate(scenes):
-        for shape in scene.shapes:
+        for place, shape in enumerate(scene.shapes, 1):
             x0, y0, x1, y1 = shape.box
             inside = (((middles >= y0) & (middles < y1))[:, None]
                       & ((middles >= x0) & (middles < x1))[None, :])
@@ -104,16 +132,22 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
             kind[n][inside] = 1 + _KINDS.index(shape.kind)
             colour[n][inside] = 1 + _COLOURS.index(shape.colour)
             size[n][inside] = 1 + _SIZES.index(shape.size)
+            order[n][inside] = place
+            slots[:, n, place - 1] = kind[n, row, col], colour[n, row, col], size[n, row, col]
             weight[n][inside] = 1.0 / inside.sum()
-    flat = (count, grid * grid)
+    flat = (images, grid * grid)
     return SceneTargets(kind.reshape(flat), colour.reshape(flat), size.reshape(flat),
-                        weight.reshape(flat), centre.reshape(flat), background)
+                        order.reshape(flat), weight.reshape(flat), centre.reshape(flat),
+                        background, shapes, *slots)
 
 
 class SceneProbe(nnx.Module):
-    """A captioner's encoder and head (shared, not copied) with linear read-outs: images
-    (B, H, W, 3) -> logits kind (B, S, 5), colour (B, S, 6), size (B, S, 3) per token and
-    background (B, 3) from the mean token."""
+    """A captioner's encoder, head and Perceiver (shared, not copied) with linear read-outs:
+    images (B, H, W, 3) -> logits kind (B, S, 5), colour (B, S, 6), size (B, S, 3) and place
+    from the left (B, S, 4) per token, background (B, 3) and shape count (B, 4) from the mean
+    token, and from the Perceiver's latents (only when the captioner has one; None otherwise)
+    kind, colour and size (B, MAX_SHAPES, ·) of each shape from the left from the first
+    MAX_SHAPES latents, background and count from the next one."""
 
     def __init__(self, captioner: nnx.Module, *, rngs: nnx.Rngs):
         captioner.check_can_encode()
@@ -123,12 +157,39 @@ class SceneProbe(nnx.Module):
         self.kind = Linear(width, 1 + len(_KINDS), rngs=rngs)
         self.colour = Linear(width, 1 + len(_COLOURS), rngs=rngs)
         self.size = Linear(width, 1 + len(_SIZES), rngs=rngs)
+        self.order = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
         self.background = Linear(width, len(_BACKGROUNDS), rngs=rngs)
+        self.count = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
+        self.perceiver = getattr(captioner, "perceiver", None)
+        if self.perceiver is not None:
+            if captioner.cfg.perceiver.num_latents <= MAX_SHAPES:
+                raise ValueError(f"the Perceiver needs more than {MAX_SHAPES} latents to be "
+                                 "pretrained on the scenes (one per shape and one for the "
+                                 "background and count)")
+            dim = captioner.cfg.perceiver.dim
+            self.slot_kind = Linear(dim, 1 + len(_KINDS), rngs=rngs)
+            self.slot_colour = Linear(dim, 1 + len(_COLOURS), rngs=rngs)
+            self.slot_size = Linear(dim, 1 + len(_SIZES), rngs=rngs)
+            self.slot_background = Linear(dim, len(_BACKGROUNDS), rngs=rngs)
+            self.slot_count = Linear(dim, 1 + MAX_SHAPES, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
+    def __call__(self, images: jax.Array) -> tuple[jax.Array | None, ...]:
         tokens = self.encoder_head(self.encoder(images))
-        return (self.kind(tokens), self.colour(tokens), self.size(tokens),
-                self.background(tokens.mean(axis=1)))
+        mean = tokens.mean(axis=1)
+        slots: tuple[jax.Array | None, ...] = (None,) * 5
+        if self.perceiver is not None:
+            # The Perceiver learns to read the tokens; it does not train the encoder.
+            latents = self.perceiver(jax.lax.stop_gradient(tokens))
+            shapes, scene = latents[:, :MAX_SHAPES], latents[:, MAX_SHAPES]
+            slots = (self.slot_kind(shapes), self.slot_colour(shapes), self.slot_size(shapes),
+                     self.slot_background(scene), self.slot_count(scene))
+        return (self.kind(tokens), self.colour(tokens), self.size(tokens), self.order(tokens),
+                self.background(mean), self.count(mean), *slots)
+
+
+# The probe's parts that read the Perceiver's latents (optimizer label "latents").
+_LATENT_PARTS = dict.fromkeys(("perceiver", "slot_kind", "slot_colour", "slot_size",
+                               "slot_background", "slot_count"), "latents")
 
 
 def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Array
@@ -141,26 +202,39 @@ def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
             + (losses * empty).sum() / jnp.maximum(empty.sum(), 1.0))
 
 
-def scene_loss(outputs: Sequence[jax.Array], targets: SceneTargets) -> jax.Array:
-    """The training objective: balanced cross-entropies of kind, colour and size per cell plus
-    the background's cross-entropy."""
-    kind, colour, size, background = outputs
+def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> jax.Array:
+    """The training objective: balanced cross-entropies of kind, colour, size and place per
+    cell, the cross-entropies of the background and the shape count, and (with a Perceiver)
+    the same read from its latents: each shape's kind, colour and size from its own, the
+    background and count from the next."""
+    kind, colour, size, order, background, count, *slots = outputs
     weight = targets.weight
-    return (_balanced_cross_entropy(kind, targets.kind, weight)
+    per_item = optax.softmax_cross_entropy_with_integer_labels
+    loss = (_balanced_cross_entropy(kind, targets.kind, weight)
             + _balanced_cross_entropy(colour, targets.colour, weight)
             + _balanced_cross_entropy(size, targets.size, weight)
-            + optax.softmax_cross_entropy_with_integer_labels(
-                background, targets.background).mean())
+            + _balanced_cross_entropy(order, targets.order, weight)
+            + per_item(background, targets.background).mean()
+            + per_item(count, targets.count).mean())
+    slot_targets = (targets.slot_kind, targets.slot_colour, targets.slot_size,
+                    targets.background, targets.count)
+    for logits, labels in zip(slots, slot_targets, strict=True):
+        if logits is not None:
+            loss = loss + per_item(logits, labels).mean()
+    return loss
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSettings:
     """Adam at `learning_rate` with a linear warm-up over `warmup` steps and a cosine decay to
-    0 at `steps`; batches of `batch_size` drawn without replacement within each epoch."""
+    0 at `steps` (the Perceiver and its read-outs at `perceiver_learning_rate` on the same
+    schedule: at the encoder's rate its attention does not learn to pick the shapes); batches
+    of `batch_size` drawn without replacement within each epoch."""
 
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 6e-3
+    perceiver_learning_rate: float = 1e-3
     warmup: int = 50
     seed: int = 0
 
@@ -174,9 +248,16 @@ def pretrain(captioner: nnx.Module, pixels: np.ndarray, targets: SceneTargets,
     probe = SceneProbe(captioner, rngs=nnx.Rngs(settings.seed))
     graphdef, params, rest = nnx.split(probe, nnx.Param, ...)
     warmup = min(settings.warmup, settings.steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.learning_rate, warmup, max(settings.steps, warmup + 1))
-    optimizer = optax.adam(schedule)
+
+    def adam(peak: float) -> optax.GradientTransformation:
+        return optax.adam(optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(settings.steps, warmup + 1)))
+
+    optimizer = optax.partition(
+        {"image": adam(settings.learning_rate),
+         "latents": adam(settings.perceiver_learning_rate)},
+        jax.tree_util.tree_map_with_path(
+            lambda path, _: _LATENT_PARTS.get(path[0].key, "image"), params))
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -213,22 +294,34 @@ def pretrain(captioner: nnx.Module, pixels: np.ndarray, targets: SceneTargets,
 def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTargets,
                       batch_size: int = 100) -> dict[str, float]:
     """Accuracy of a trained probe on uint8 images (N, H, W, 3) it did not train on: kind,
-    colour and size at each shape's centre cell, background per image, and "empty" (cells
-    without a shape read as none)."""
+    colour, size and place at each shape's centre cell, background and count per image,
+    "empty" (cells without a shape read as none), and with a Perceiver "latents": images
+    whose shapes (and empty slots), background and count its latents all read exactly."""
     graphdef, state = nnx.split(probe)
     run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(normalise(x)))
-    outputs = [[], [], [], []]
+    outputs: list[list[np.ndarray]] = [[] for _ in range(11)]
     for start in range(0, len(pixels), batch_size):
         chunk = jnp.asarray(pixels[start : start + batch_size])
         for store, logits in zip(outputs, run(state, chunk), strict=True):
-            store.append(np.asarray(logits.argmax(-1)))
-    kind, colour, size, background = (np.concatenate(o) for o in outputs)
+            if logits is not None:
+                store.append(np.asarray(logits.argmax(-1)))
+    kind, colour, size, order, background, count = (np.concatenate(o) for o in outputs[:6])
     centre, empty = targets.centre, targets.kind == 0
-    return {"kind": float((kind == targets.kind)[centre].mean()),
-            "colour": float((colour == targets.colour)[centre].mean()),
-            "size": float((size == targets.size)[centre].mean()),
-            "background": float((background == targets.background).mean()),
-            "empty": float((kind == 0)[empty].mean())}
+    accuracy = {"kind": float((kind == targets.kind)[centre].mean()),
+                "colour": float((colour == targets.colour)[centre].mean()),
+                "size": float((size == targets.size)[centre].mean()),
+                "place": float((order == targets.order)[centre].mean()),
+                "background": float((background == targets.background).mean()),
+                "count": float((count == targets.count).mean()),
+                "empty": float((kind == 0)[empty].mean())}
+    if probe.perceiver is not None:
+        read = [np.concatenate(o).reshape(len(pixels), -1) for o in outputs[6:]]
+        truth = (targets.slot_kind, targets.slot_colour, targets.slot_size,
+                 targets.background, targets.count)
+        accuracy["latents"] = float(np.logical_and.reduce(
+            [(r == t.reshape(len(pixels), -1)).all(axis=1)
+             for r, t in zip(read, truth, strict=True)]).mean())
+    return accuracy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,6 +343,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=finite_float(0), default=PretrainSettings.learning_rate,
                         help="peak learning rate (Adam, warm-up then cosine decay; default: "
                         f"{PretrainSettings.learning_rate:g})")
+    parser.add_argument("--perceiver-lr", type=finite_float(0),
+                        default=PretrainSettings.perceiver_learning_rate,
+                        help="peak learning rate of the Perceiver and its read-outs (same "
+                        f"schedule; default: {PretrainSettings.perceiver_learning_rate:g})")
     parser.add_argument("--seed", type=int_in(0), default=0,
                         help="seed of the initial weights, the read-outs and the batch order")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -286,12 +383,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.time()
     pixels, targets = load(train_names)
-    settings = PretrainSettings(args.steps, args.batch_size, args.lr, seed=args.seed)
+    settings = PretrainSettings(args.steps, args.batch_size, args.lr, args.perceiver_lr,
+                                seed=args.seed)
     probe, losses = pretrain(captioner, pixels, targets, settings, progress=not args.quiet)
     accuracy = held_out_accuracy(probe, *load(held_out))
     provenance = {"created_by": "python -m lensjax.scene_pretrain",
-                  "note": "encoder and head pretrained on the synthetic set's scene labels; "
-                          "the other components are random",
+                  "note": "encoder, head and Perceiver pretrained on the synthetic set's "
+                          "scene labels; the other components are random",
                   "set": str(args.set), "steps": args.steps, "image_size": args.image_size,
                   "final_loss": losses[-1], "held_out_accuracy": accuracy,
                   "seconds": round(time.time() - started)}

@@ -13,6 +13,7 @@ from lensjax.models.families import family_of, preset_config
 from lensjax.params import flat_params
 from lensjax.scene_pretrain import (
     PretrainSettings,
+    SceneProbe,
     SceneTargets,
     held_out_accuracy,
     main,
@@ -33,8 +34,11 @@ def test_a_small_shape_labels_the_cell_of_its_box_centre_only():
     assert kind[3, 2] == 1 + 3 and (kind > 0).sum() == 1  # star is the 4th kind
     assert targets.colour.reshape(8, 8)[3, 2] == 1 + 2  # blue the 3rd colour
     assert targets.size.reshape(8, 8)[3, 2] == 1  # small
+    assert targets.order.reshape(8, 8)[3, 2] == 1 and targets.order.sum() == 1
     assert targets.centre.reshape(8, 8)[3, 2] and targets.centre.sum() == 1
     assert targets.background.tolist() == [1]  # gray
+    assert targets.count.tolist() == [1]
+    assert targets.slot_kind.tolist() == [[4, 0, 0]] and targets.slot_colour.tolist() == [[3, 0, 0]]
 
 
 def test_a_large_shape_labels_every_cell_whose_centre_it_covers():
@@ -51,6 +55,14 @@ def test_a_large_shape_labels_every_cell_whose_centre_it_covers():
     np.testing.assert_allclose(weight[:2, 1:4], 1 / 6)
     assert weight[6, 6] == 1 and weight.sum() == pytest.approx(2)
     assert targets.centre.sum() == 2 and targets.background.tolist() == [2]
+    # places from the left follow the scene's order (left to right)
+    order = targets.order.reshape(8, 8)
+    assert (order[:2, 1:4] == 1).all() and order[6, 6] == 2 and (order > 0).sum() == 7
+    assert targets.count.tolist() == [2]
+    # the Perceiver's first latents read the shapes from the left; 0 where there is none
+    assert targets.slot_kind.tolist() == [[1, 2, 0]]  # circle, square
+    assert targets.slot_colour.tolist() == [[1, 2, 0]]  # red, green
+    assert targets.slot_size.tolist() == [[2, 1, 0]]  # large, small
 
 
 def test_targets_keep_the_order_and_rows_of_their_scenes():
@@ -60,9 +72,10 @@ def test_targets_keep_the_order_and_rows_of_their_scenes():
     assert targets.kind.shape == (2, 16) and targets.kind[1].sum() == 0
     picked = targets.rows(np.array([1]))
     assert isinstance(picked, SceneTargets) and picked.background.tolist() == [1]
+    assert targets.count.tolist() == [1, 0] and picked.count.tolist() == [0]
 
 
-def test_pretraining_moves_only_the_encoder_and_head_and_lowers_the_loss():
+def test_pretraining_moves_only_the_encoder_head_and_perceiver_and_lowers_the_loss():
     cfg = dataclasses.replace(preset_config("tiny"), image_size=64)
     captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(0))
     before = {k: np.asarray(v) for k, v in flat_params(captioner).items()}
@@ -77,11 +90,12 @@ def test_pretraining_moves_only_the_encoder_and_head_and_lowers_the_loss():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     after = flat_params(captioner)
     moved = {k for k in before if not np.array_equal(before[k], np.asarray(after[k]))}
-    assert moved and all(k.startswith(("encoder.", "encoder_head.")) for k in moved)
-    assert any(k.startswith("encoder.") for k in moved)
+    assert moved and all(k.startswith(("encoder.", "encoder_head.", "perceiver.")) for k in moved)
+    assert all(any(k.startswith(f"{group}.") for k in moved)
+               for group in ("encoder", "encoder_head", "perceiver"))
     accuracy = held_out_accuracy(probe, pixels, targets)
-    assert accuracy["background"] == 1.0 and set(accuracy) == {
-        "kind", "colour", "size", "background", "empty"}
+    assert accuracy["background"] == 1.0 and accuracy["count"] == 1.0 and set(accuracy) == {
+        "kind", "colour", "size", "place", "background", "count", "empty", "latents"}
 
 
 def test_cli_writes_a_captioner_checkpoint_at_its_image_size(tmp_path, capsys):
@@ -105,3 +119,11 @@ def test_cli_writes_a_captioner_checkpoint_at_its_image_size(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "scenes.jsonl" in capsys.readouterr().err
+
+
+def test_a_perceiver_with_no_latent_left_for_the_background_is_refused():
+    cfg = preset_config("tiny")
+    cfg = dataclasses.replace(cfg, perceiver=dataclasses.replace(cfg.perceiver, num_latents=3))
+    captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="more than 3 latents"):
+        SceneProbe(captioner, rngs=nnx.Rngs(0))

@@ -14,11 +14,11 @@ are not drowned by the many that do not.
 
 A preset with a Perceiver (v3b's) has its Perceiver pretrained too, on top of the tokens
 (through a stop-gradient, at `--perceiver-lr`): its first latents each read one shape from
-the left (kind, colour, size, or none), the next the background and the count. The Perceiver
-reads the 64 tokens as a set (it has no positional embedding), and a decoder trained from
-scratch on the captions does not learn within a demo's minutes to tell which colour and size
-go with which kind; with the latents already one per shape (and the place in the tokens to
-tell them apart), it does far more often (BENCHMARKS.md, "make demo").
+the left (kind, colour, size and its place, or none), the next the background and the
+count. The Perceiver reads the 64 tokens as a set (it has no positional embedding), and a
+decoder trained from scratch on the captions does not learn within a demo's minutes to tell
+which colour and size go with which kind; with the latents already one per shape, each
+saying which it is, it does far more often (BENCHMARKS.md, "make demo").
 
     python -m lensjax.scene_pretrain demo_out/shapes --preset demo --image-size 128 \\
         --steps 1500 --out demo_out/encoder
@@ -87,8 +87,9 @@ class SceneTargets(NamedTuple):
     1 / the number of cells of the cell's shape (0 for empty cells), so that every shape
     counts the same in the loss, small or large; `centre` bool (N, grid*grid), the cell
     holding each shape's box centre; `background` int32 (N,); `count` int32 (N,), the number
-    of shapes; `slot_kind`, `slot_colour`, `slot_size` int32 (N, MAX_SHAPES), the shapes from
-    the left (0 where the scene has fewer), for the Perceiver's first latents."""
+    of shapes; `slot_kind`, `slot_colour`, `slot_size`, `slot_place` int32 (N, MAX_SHAPES),
+    the shapes from the left and their places (0 where the scene has fewer), for the
+    Perceiver's first latents."""
 
     kind: np.ndarray
     colour: np.ndarray
@@ -101,6 +102,7 @@ class SceneTargets(NamedTuple):
     slot_kind: np.ndarray
     slot_colour: np.ndarray
     slot_size: np.ndarray
+    slot_place: np.ndarray
 
     def rows(self, index: np.ndarray) -> SceneTargets:
         return SceneTargets(*(field[index] for field in self))
@@ -115,7 +117,7 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
     kind, colour, size, order = (np.zeros((images, grid, grid), np.int32) for _ in range(4))
     weight = np.zeros((images, grid, grid), np.float32)
     centre = np.zeros((images, grid, grid), bool)
-    slots = np.zeros((3, images, MAX_SHAPES), np.int32)  # kind, colour, size
+    slots = np.zeros((4, images, MAX_SHAPES), np.int32)  # kind, colour, size, place
     background = np.array([_BACKGROUNDS.index(s.background) for s in scenes], np.int32)
     shapes = np.array([len(s.shapes) for s in scenes], np.int32)
     cell = image_side / grid
@@ -133,7 +135,8 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
             colour[n][inside] = 1 + _COLOURS.index(shape.colour)
             size[n][inside] = 1 + _SIZES.index(shape.size)
             order[n][inside] = place
-            slots[:, n, place - 1] = kind[n, row, col], colour[n, row, col], size[n, row, col]
+            slots[:, n, place - 1] = (kind[n, row, col], colour[n, row, col],
+                                      size[n, row, col], place)
             weight[n][inside] = 1.0 / inside.sum()
     flat = (images, grid * grid)
     return SceneTargets(kind.reshape(flat), colour.reshape(flat), size.reshape(flat),
@@ -146,8 +149,8 @@ class SceneProbe(nnx.Module):
     images (B, H, W, 3) -> logits kind (B, S, 5), colour (B, S, 6), size (B, S, 3) and place
     from the left (B, S, 4) per token, background (B, 3) and shape count (B, 4) from the mean
     token, and from the Perceiver's latents (only when the captioner has one; None otherwise)
-    kind, colour and size (B, MAX_SHAPES, ·) of each shape from the left from the first
-    MAX_SHAPES latents, background and count from the next one."""
+    kind, colour, size and place (B, MAX_SHAPES, ·) of each shape from the left from the
+    first MAX_SHAPES latents, background and count from the next one."""
 
     def __init__(self, captioner: nnx.Module, *, rngs: nnx.Rngs):
         captioner.check_can_encode()
@@ -170,26 +173,28 @@ class SceneProbe(nnx.Module):
             self.slot_kind = Linear(dim, 1 + len(_KINDS), rngs=rngs)
             self.slot_colour = Linear(dim, 1 + len(_COLOURS), rngs=rngs)
             self.slot_size = Linear(dim, 1 + len(_SIZES), rngs=rngs)
+            self.slot_place = Linear(dim, 1 + MAX_SHAPES, rngs=rngs)
             self.slot_background = Linear(dim, len(_BACKGROUNDS), rngs=rngs)
             self.slot_count = Linear(dim, 1 + MAX_SHAPES, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array | None, ...]:
         tokens = self.encoder_head(self.encoder(images))
         mean = tokens.mean(axis=1)
-        slots: tuple[jax.Array | None, ...] = (None,) * 5
+        slots: tuple[jax.Array | None, ...] = (None,) * 6
         if self.perceiver is not None:
             # The Perceiver learns to read the tokens; it does not train the encoder.
             latents = self.perceiver(jax.lax.stop_gradient(tokens))
             shapes, scene = latents[:, :MAX_SHAPES], latents[:, MAX_SHAPES]
             slots = (self.slot_kind(shapes), self.slot_colour(shapes), self.slot_size(shapes),
-                     self.slot_background(scene), self.slot_count(scene))
+                     self.slot_place(shapes), self.slot_background(scene),
+                     self.slot_count(scene))
         return (self.kind(tokens), self.colour(tokens), self.size(tokens), self.order(tokens),
                 self.background(mean), self.count(mean), *slots)
 
 
 # The probe's parts that read the Perceiver's latents (optimizer label "latents").
 _LATENT_PARTS = dict.fromkeys(("perceiver", "slot_kind", "slot_colour", "slot_size",
-                               "slot_background", "slot_count"), "latents")
+                               "slot_place", "slot_background", "slot_count"), "latents")
 
 
 def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Array
@@ -205,8 +210,8 @@ def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
 def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> jax.Array:
     """The training objective: balanced cross-entropies of kind, colour, size and place per
     cell, the cross-entropies of the background and the shape count, and (with a Perceiver)
-    the same read from its latents: each shape's kind, colour and size from its own, the
-    background and count from the next."""
+    the same read from its latents: each shape's kind, colour, size and place from its own,
+    the background and count from the next."""
     kind, colour, size, order, background, count, *slots = outputs
     weight = targets.weight
     per_item = optax.softmax_cross_entropy_with_integer_labels
@@ -217,7 +222,7 @@ def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> ja
             + per_item(background, targets.background).mean()
             + per_item(count, targets.count).mean())
     slot_targets = (targets.slot_kind, targets.slot_colour, targets.slot_size,
-                    targets.background, targets.count)
+                    targets.slot_place, targets.background, targets.count)
     for logits, labels in zip(slots, slot_targets, strict=True):
         if logits is not None:
             loss = loss + per_item(logits, labels).mean()
@@ -299,7 +304,7 @@ def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTarge
     whose shapes (and empty slots), background and count its latents all read exactly."""
     graphdef, state = nnx.split(probe)
     run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(normalise(x)))
-    outputs: list[list[np.ndarray]] = [[] for _ in range(11)]
+    outputs: list[list[np.ndarray]] = [[] for _ in range(12)]
     for start in range(0, len(pixels), batch_size):
         chunk = jnp.asarray(pixels[start : start + batch_size])
         for store, logits in zip(outputs, run(state, chunk), strict=True):
@@ -317,7 +322,7 @@ def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTarge
     if probe.perceiver is not None:
         read = [np.concatenate(o).reshape(len(pixels), -1) for o in outputs[6:]]
         truth = (targets.slot_kind, targets.slot_colour, targets.slot_size,
-                 targets.background, targets.count)
+                 targets.slot_place, targets.background, targets.count)
         accuracy["latents"] = float(np.logical_and.reduce(
             [(r == t.reshape(len(pixels), -1)).all(axis=1)
              for r, t in zip(read, truth, strict=True)]).mean())
@@ -330,8 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("set", type=Path, help="a synthetic set's folder (images/, captions.txt, "
                         "scenes.jsonl), as `python -m lensjax.data.synthetic` writes it")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
-    parser.add_argument("--preset", default="demo", help="the captioner preset whose encoder "
-                        "and head are trained (default: demo)")
+    parser.add_argument("--preset", default="demo", help="the captioner preset whose encoder, "
+                        "head and Perceiver (v3b presets) are trained (default: demo)")
     parser.add_argument("--image-size", type=int_in(32), default=128,
                         help="side in pixels the images are resized to; recorded in the "
                         "checkpoint, so extraction and captioning use it (default: 128, "

@@ -63,6 +63,7 @@ def test_a_large_shape_labels_every_cell_whose_centre_it_covers():
     assert targets.slot_kind.tolist() == [[1, 2, 0]]  # circle, square
     assert targets.slot_colour.tolist() == [[1, 2, 0]]  # red, green
     assert targets.slot_size.tolist() == [[2, 1, 0]]  # large, small
+    assert targets.slot_place.tolist() == [[1, 2, 0]]
 
 
 def test_targets_keep_the_order_and_rows_of_their_scenes():

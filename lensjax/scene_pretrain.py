@@ -144,57 +144,58 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
                         background, shapes, *slots)
 
 
+class SceneReadouts(nnx.Module):
+    """Linear read-outs of a scene from `width`-wide vectors: per item (a token or a latent)
+    the logits of kind (·, 5), colour (·, 6), size (·, 3) and place from the left (·, 4), 0
+    meaning no shape; per image background (·, 3) and shape count (·, 4)."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.kind = Linear(width, 1 + len(_KINDS), rngs=rngs)
+        self.colour = Linear(width, 1 + len(_COLOURS), rngs=rngs)
+        self.size = Linear(width, 1 + len(_SIZES), rngs=rngs)
+        self.place = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
+        self.background = Linear(width, len(_BACKGROUNDS), rngs=rngs)
+        self.count = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
+
+    def __call__(self, items: jax.Array, image: jax.Array) -> tuple[jax.Array, ...]:
+        """items (B, N, width), image (B, width) -> kind, colour, size, place (B, N, ·),
+        background, count (B, ·)."""
+        return (self.kind(items), self.colour(items), self.size(items), self.place(items),
+                self.background(image), self.count(image))
+
+
 class SceneProbe(nnx.Module):
-    """A captioner's encoder, head and Perceiver (shared, not copied) with linear read-outs:
-    images (B, H, W, 3) -> logits kind (B, S, 5), colour (B, S, 6), size (B, S, 3) and place
-    from the left (B, S, 4) per token, background (B, 3) and shape count (B, 4) from the mean
-    token, and from the Perceiver's latents (only when the captioner has one; None otherwise)
-    kind, colour, size and place (B, MAX_SHAPES, ·) of each shape from the left from the
-    first MAX_SHAPES latents, background and count from the next one."""
+    """A captioner's encoder, head and Perceiver (shared, not copied) with `SceneReadouts`:
+    images (B, H, W, 3) -> 12 logits: those of the tokens (B, S, ·) with the mean token for
+    the image, then (only when the captioner has a Perceiver; None otherwise) those of the
+    first MAX_SHAPES latents, one shape each from the left, with the next latent for the
+    image."""
 
     def __init__(self, captioner: nnx.Module, *, rngs: nnx.Rngs):
         captioner.check_can_encode()
         self.encoder = captioner.encoder
         self.encoder_head = captioner.encoder_head
-        width = captioner.cfg.head.out_dim
-        self.kind = Linear(width, 1 + len(_KINDS), rngs=rngs)
-        self.colour = Linear(width, 1 + len(_COLOURS), rngs=rngs)
-        self.size = Linear(width, 1 + len(_SIZES), rngs=rngs)
-        self.order = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
-        self.background = Linear(width, len(_BACKGROUNDS), rngs=rngs)
-        self.count = Linear(width, 1 + MAX_SHAPES, rngs=rngs)
+        self.read_tokens = SceneReadouts(captioner.cfg.head.out_dim, rngs=rngs)
         self.perceiver = getattr(captioner, "perceiver", None)
         if self.perceiver is not None:
             if captioner.cfg.perceiver.num_latents <= MAX_SHAPES:
                 raise ValueError(f"the Perceiver needs more than {MAX_SHAPES} latents to be "
                                  "pretrained on the scenes (one per shape and one for the "
                                  "background and count)")
-            dim = captioner.cfg.perceiver.dim
-            self.slot_kind = Linear(dim, 1 + len(_KINDS), rngs=rngs)
-            self.slot_colour = Linear(dim, 1 + len(_COLOURS), rngs=rngs)
-            self.slot_size = Linear(dim, 1 + len(_SIZES), rngs=rngs)
-            self.slot_place = Linear(dim, 1 + MAX_SHAPES, rngs=rngs)
-            self.slot_background = Linear(dim, len(_BACKGROUNDS), rngs=rngs)
-            self.slot_count = Linear(dim, 1 + MAX_SHAPES, rngs=rngs)
+            self.read_latents = SceneReadouts(captioner.cfg.perceiver.dim, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array | None, ...]:
         tokens = self.encoder_head(self.encoder(images))
-        mean = tokens.mean(axis=1)
-        slots: tuple[jax.Array | None, ...] = (None,) * 6
+        latents: tuple[jax.Array | None, ...] = (None,) * 6
         if self.perceiver is not None:
             # The Perceiver learns to read the tokens; it does not train the encoder.
-            latents = self.perceiver(jax.lax.stop_gradient(tokens))
-            shapes, scene = latents[:, :MAX_SHAPES], latents[:, MAX_SHAPES]
-            slots = (self.slot_kind(shapes), self.slot_colour(shapes), self.slot_size(shapes),
-                     self.slot_place(shapes), self.slot_background(scene),
-                     self.slot_count(scene))
-        return (self.kind(tokens), self.colour(tokens), self.size(tokens), self.order(tokens),
-                self.background(mean), self.count(mean), *slots)
+            read = self.perceiver(jax.lax.stop_gradient(tokens))
+            latents = self.read_latents(read[:, :MAX_SHAPES], read[:, MAX_SHAPES])
+        return (*self.read_tokens(tokens, tokens.mean(axis=1)), *latents)
 
 
 # The probe's parts that read the Perceiver's latents (optimizer label "latents").
-_LATENT_PARTS = dict.fromkeys(("perceiver", "slot_kind", "slot_colour", "slot_size",
-                               "slot_place", "slot_background", "slot_count"), "latents")
+_LATENT_PARTS = dict.fromkeys(("perceiver", "read_latents"), "latents")
 
 
 def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Array
@@ -209,23 +210,20 @@ def _balanced_cross_entropy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
 
 def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> jax.Array:
     """The training objective: balanced cross-entropies of kind, colour, size and place per
-    cell, the cross-entropies of the background and the shape count, and (with a Perceiver)
-    the same read from its latents: each shape's kind, colour, size and place from its own,
+    token, the cross-entropies of the background and the shape count, and (with a Perceiver)
+    the mean cross-entropies of the same read from its latents: each shape's from its own,
     the background and count from the next."""
-    kind, colour, size, order, background, count, *slots = outputs
-    weight = targets.weight
     per_item = optax.softmax_cross_entropy_with_integer_labels
-    loss = (_balanced_cross_entropy(kind, targets.kind, weight)
-            + _balanced_cross_entropy(colour, targets.colour, weight)
-            + _balanced_cross_entropy(size, targets.size, weight)
-            + _balanced_cross_entropy(order, targets.order, weight)
-            + per_item(background, targets.background).mean()
-            + per_item(count, targets.count).mean())
-    slot_targets = (targets.slot_kind, targets.slot_colour, targets.slot_size,
-                    targets.slot_place, targets.background, targets.count)
-    for logits, labels in zip(slots, slot_targets, strict=True):
-        if logits is not None:
-            loss = loss + per_item(logits, labels).mean()
+    cells = (targets.kind, targets.colour, targets.size, targets.order)
+    image = (targets.background, targets.count)
+    slots = (targets.slot_kind, targets.slot_colour, targets.slot_size, targets.slot_place)
+    loss = sum(_balanced_cross_entropy(logits, labels, targets.weight)
+               for logits, labels in zip(outputs[:4], cells, strict=True))
+    loss += sum(per_item(logits, labels).mean()
+                for logits, labels in zip(outputs[4:6], image, strict=True))
+    if outputs[6] is not None:
+        loss += sum(per_item(logits, labels).mean()
+                    for logits, labels in zip(outputs[6:], slots + image, strict=True))
     return loss
 
 

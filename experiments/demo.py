@@ -39,7 +39,6 @@ from lensjax.data.captions import load_flickr30k, seed_split
 from lensjax.data.synthetic import generate, read_scenes
 from lensjax.evaluate import corpus_bleu4, seed_bleu4, seed_bleu4_per_image, write_gallery
 from lensjax.files import write_text_atomic
-from lensjax.phases import PHASES as PHASE_TABLE
 from lensjax.scene_scores import SceneScores, score_scenes
 from lensjax.train import RunFolder, plot_losses
 from steps import run_cli
@@ -107,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--out", str(OUT / "features"), "--shards", "2"])
 
     runs = OUT / "runs"
-    _step(3, f"training the captioner on those features ({PHASE_TABLE[PHASE].summary}, "
-          f"{DECODER_STEPS} steps, language model from scratch)", started)
+    _step(3, f"training the captioner on those features (phase {PHASE}, injection mode: "
+          f"GPT-2 and cross-attention from scratch, {DECODER_STEPS} steps, on the frozen "
+          "pretrained Perceiver)", started)
     _cli(train, ["--phase", PHASE, "--data", str(captions_file), "--features",
                  str(OUT / "features"), "--runs-dir", str(runs), "--plot",
                  "--init", f"perceiver={OUT / 'encoder'},gpt2=fresh,xattn=fresh",

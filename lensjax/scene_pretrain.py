@@ -82,7 +82,7 @@ _KINDS, _COLOURS, _SIZES, _BACKGROUNDS = (tuple(SHAPES), tuple(COLOURS), tuple(S
 
 class SceneTargets(NamedTuple):
     """Per-image labels: `kind`, `colour`, `size` int32 (N, grid*grid), 0 = no shape in the
-    cell, else 1 + the index in the synthetic set's list; `order` int32 (N, grid*grid), 0 = no
+    cell, else 1 + the index in the synthetic set's list; `place` int32 (N, grid*grid), 0 = no
     shape, else the shape's place from the left (1, 2, 3); `weight` float32 (N, grid*grid),
     1 / the number of cells of the cell's shape (0 for empty cells), so that every shape
     counts the same in the loss, small or large; `centre` bool (N, grid*grid), the cell
@@ -94,7 +94,7 @@ class SceneTargets(NamedTuple):
     kind: np.ndarray
     colour: np.ndarray
     size: np.ndarray
-    order: np.ndarray
+    place: np.ndarray
     weight: np.ndarray
     centre: np.ndarray
     background: np.ndarray
@@ -114,7 +114,7 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
     shape's box, and the cell holding the box centre always does (a small shape covers at
     least one cell). `image_side`: the side in pixels the scenes' boxes are given in."""
     images = len(scenes)
-    kind, colour, size, order = (np.zeros((images, grid, grid), np.int32) for _ in range(4))
+    kind, colour, size, places = (np.zeros((images, grid, grid), np.int32) for _ in range(4))
     weight = np.zeros((images, grid, grid), np.float32)
     centre = np.zeros((images, grid, grid), bool)
     slots = np.zeros((4, images, MAX_SHAPES), np.int32)  # kind, colour, size, place
@@ -134,13 +134,13 @@ def scene_targets(scenes: Sequence[Scene], grid: int, image_side: int) -> SceneT
             kind[n][inside] = 1 + _KINDS.index(shape.kind)
             colour[n][inside] = 1 + _COLOURS.index(shape.colour)
             size[n][inside] = 1 + _SIZES.index(shape.size)
-            order[n][inside] = place
+            places[n][inside] = place
             slots[:, n, place - 1] = (kind[n, row, col], colour[n, row, col],
                                       size[n, row, col], place)
             weight[n][inside] = 1.0 / inside.sum()
     flat = (images, grid * grid)
     return SceneTargets(kind.reshape(flat), colour.reshape(flat), size.reshape(flat),
-                        order.reshape(flat), weight.reshape(flat), centre.reshape(flat),
+                        places.reshape(flat), weight.reshape(flat), centre.reshape(flat),
                         background, shapes, *slots)
 
 
@@ -214,7 +214,7 @@ def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> ja
     the mean cross-entropies of the same read from its latents: each shape's from its own,
     the background and count from the next."""
     per_item = optax.softmax_cross_entropy_with_integer_labels
-    cells = (targets.kind, targets.colour, targets.size, targets.order)
+    cells = (targets.kind, targets.colour, targets.size, targets.place)
     image = (targets.background, targets.count)
     slots = (targets.slot_kind, targets.slot_colour, targets.slot_size, targets.slot_place)
     loss = sum(_balanced_cross_entropy(logits, labels, targets.weight)
@@ -308,12 +308,12 @@ def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTarge
         for store, logits in zip(outputs, run(state, chunk), strict=True):
             if logits is not None:
                 store.append(np.asarray(logits.argmax(-1)))
-    kind, colour, size, order, background, count = (np.concatenate(o) for o in outputs[:6])
+    kind, colour, size, place, background, count = (np.concatenate(o) for o in outputs[:6])
     centre, empty = targets.centre, targets.kind == 0
     accuracy = {"kind": float((kind == targets.kind)[centre].mean()),
                 "colour": float((colour == targets.colour)[centre].mean()),
                 "size": float((size == targets.size)[centre].mean()),
-                "place": float((order == targets.order)[centre].mean()),
+                "place": float((place == targets.place)[centre].mean()),
                 "background": float((background == targets.background).mean()),
                 "count": float((count == targets.count).mean()),
                 "empty": float((kind == 0)[empty].mean())}
@@ -391,8 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     probe, losses = pretrain(captioner, pixels, targets, settings, progress=not args.quiet)
     accuracy = held_out_accuracy(probe, *load(held_out))
     provenance = {"created_by": "python -m lensjax.scene_pretrain",
-                  "note": "encoder, head and Perceiver pretrained on the synthetic set's "
-                          "scene labels; the other components are random",
+                  "note": "encoder, head and Perceiver (where the preset has one) pretrained "
+                          "on the synthetic set's scene labels; the other components are "
+                          "random",
                   "set": str(args.set), "steps": args.steps, "image_size": args.image_size,
                   "final_loss": losses[-1], "held_out_accuracy": accuracy,
                   "seconds": round(time.time() - started)}

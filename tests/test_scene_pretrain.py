@@ -34,7 +34,7 @@ def test_a_small_shape_labels_the_cell_of_its_box_centre_only():
     assert kind[3, 2] == 1 + 3 and (kind > 0).sum() == 1  # star is the 4th kind
     assert targets.colour.reshape(8, 8)[3, 2] == 1 + 2  # blue the 3rd colour
     assert targets.size.reshape(8, 8)[3, 2] == 1  # small
-    assert targets.order.reshape(8, 8)[3, 2] == 1 and targets.order.sum() == 1
+    assert targets.place.reshape(8, 8)[3, 2] == 1 and targets.place.sum() == 1
     assert targets.centre.reshape(8, 8)[3, 2] and targets.centre.sum() == 1
     assert targets.background.tolist() == [1]  # gray
     assert targets.count.tolist() == [1]
@@ -56,8 +56,8 @@ def test_a_large_shape_labels_every_cell_whose_centre_it_covers():
     assert weight[6, 6] == 1 and weight.sum() == pytest.approx(2)
     assert targets.centre.sum() == 2 and targets.background.tolist() == [2]
     # places from the left follow the scene's order (left to right)
-    order = targets.order.reshape(8, 8)
-    assert (order[:2, 1:4] == 1).all() and order[6, 6] == 2 and (order > 0).sum() == 7
+    place = targets.place.reshape(8, 8)
+    assert (place[:2, 1:4] == 1).all() and place[6, 6] == 2 and (place > 0).sum() == 7
     assert targets.count.tolist() == [2]
     # the Perceiver's first latents read the shapes from the left; 0 where there is none
     assert targets.slot_kind.tolist() == [[1, 2, 0]]  # circle, square

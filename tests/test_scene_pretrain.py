@@ -128,3 +128,20 @@ def test_a_perceiver_with_no_latent_left_for_the_background_is_refused():
     captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="more than 3 latents"):
         SceneProbe(captioner, rngs=nnx.Rngs(0))
+
+
+def test_the_perceiver_learns_at_its_own_rate():
+    # --perceiver-lr 0 leaves the Perceiver bit-identical while the encoder trains: the
+    # optimizer's partition gives the Perceiver and its read-outs their own rate.
+    cfg = dataclasses.replace(preset_config("tiny"), image_size=32)
+    captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(0))
+    before = {k: np.asarray(v) for k, v in flat_params(captioner).items()}
+    scenes = [_scene(Shape("circle", "blue", "large", (4, 4, 20, 20)))] * 4
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    pretrain(captioner, pixels, scene_targets(scenes, 8, 32),
+             PretrainSettings(steps=3, batch_size=2, warmup=1, perceiver_learning_rate=0.0),
+             progress=False)
+    after = flat_params(captioner)
+    moved = {k for k in before if not np.array_equal(before[k], np.asarray(after[k]))}
+    assert any(k.startswith("encoder.") for k in moved)
+    assert not any(k.startswith("perceiver.") for k in moved)

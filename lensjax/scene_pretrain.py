@@ -104,6 +104,17 @@ class SceneTargets(NamedTuple):
     slot_size: np.ndarray
     slot_place: np.ndarray
 
+    @property
+    def token_labels(self) -> tuple[np.ndarray, ...]:
+        """What `SceneReadouts` reads from the tokens, in its order."""
+        return (self.kind, self.colour, self.size, self.place, self.background, self.count)
+
+    @property
+    def latent_labels(self) -> tuple[np.ndarray, ...]:
+        """What `SceneReadouts` reads from the Perceiver's latents, in its order."""
+        return (self.slot_kind, self.slot_colour, self.slot_size, self.slot_place,
+                self.background, self.count)
+
     def rows(self, index: np.ndarray) -> SceneTargets:
         return SceneTargets(*(field[index] for field in self))
 
@@ -214,16 +225,15 @@ def scene_loss(outputs: Sequence[jax.Array | None], targets: SceneTargets) -> ja
     the mean cross-entropies of the same read from its latents: each shape's from its own,
     the background and count from the next."""
     per_item = optax.softmax_cross_entropy_with_integer_labels
-    cells = (targets.kind, targets.colour, targets.size, targets.place)
-    image = (targets.background, targets.count)
-    slots = (targets.slot_kind, targets.slot_colour, targets.slot_size, targets.slot_place)
-    loss = sum(_balanced_cross_entropy(logits, labels, targets.weight)
-               for logits, labels in zip(outputs[:4], cells, strict=True))
-    loss += sum(per_item(logits, labels).mean()
-                for logits, labels in zip(outputs[4:6], image, strict=True))
-    if outputs[6] is not None:
-        loss += sum(per_item(logits, labels).mean()
-                    for logits, labels in zip(outputs[6:], slots + image, strict=True))
+    tokens, latents = outputs[:6], outputs[6:]
+    labels = targets.token_labels
+    loss = sum(_balanced_cross_entropy(logits, cells, targets.weight)
+               for logits, cells in zip(tokens[:4], labels[:4], strict=True))
+    loss += sum(per_item(logits, image).mean()
+                for logits, image in zip(tokens[4:], labels[4:], strict=True))
+    if latents[0] is not None:
+        loss += sum(per_item(logits, slots).mean()
+                    for logits, slots in zip(latents, targets.latent_labels, strict=True))
     return loss
 
 
@@ -319,11 +329,9 @@ def held_out_accuracy(probe: SceneProbe, pixels: np.ndarray, targets: SceneTarge
                 "empty": float((kind == 0)[empty].mean())}
     if probe.perceiver is not None:
         read = [np.concatenate(o).reshape(len(pixels), -1) for o in outputs[6:]]
-        truth = (targets.slot_kind, targets.slot_colour, targets.slot_size,
-                 targets.slot_place, targets.background, targets.count)
         accuracy["latents"] = float(np.logical_and.reduce(
             [(r == t.reshape(len(pixels), -1)).all(axis=1)
-             for r, t in zip(read, truth, strict=True)]).mean())
+             for r, t in zip(read, targets.latent_labels, strict=True)]).mean())
     return accuracy
 
 

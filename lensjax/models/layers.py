@@ -74,13 +74,30 @@ def dot_product_attention(
     q: (B, T, H, D); k, v: (B, S, H, D); mask: bool, broadcastable to (B, H, T, S), True = attend.
     Returns (B, T, H, D). Softmax runs in float32 whatever the input dtype.
     """
+    return attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask,
+                  dropout_rate=dropout_rate, rngs=rngs)
+
+
+def attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    rngs: nnx.Rngs | None = None,
+) -> jax.Array:
+    """`dot_product_attention` with keys (B, H, D, S) and values (B, H, S, D), the layouts its
+    two products read: keys and values computed once (cross-attention while decoding) are
+    stored this way, so that no step transposes them again. q (B, T, H, D) -> (B, T, H, D).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bthd,bshd->bhts", q * scale, k).astype(jnp.float32)
+    scores = jnp.einsum("bthd,bhds->bhts", q * scale, keys).astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     weights = dropout(weights, dropout_rate, rngs)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
+    return jnp.einsum("bhts,bhsd->bthd", weights, values)
 
 
 class Linear(nnx.Linear):
@@ -154,13 +171,14 @@ class MultiheadAttention(nnx.Module):
         self.out = Linear(dim, dim, rngs=rngs)
 
     def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of `context` (B, S, dim) -> two (B, S, H, D) arrays.
+        """Keys (B, H, D, S) and values (B, H, S, D) of `context` (B, S, dim), in the layouts
+        `attend` reads.
 
         Computing these once lets a decoder reuse them for every generated token.
         """
-        return split_heads(self.k(context), self.num_heads), split_heads(
-            self.v(context), self.num_heads
-        )
+        keys = split_heads(self.k(context), self.num_heads).transpose(0, 2, 3, 1)
+        values = split_heads(self.v(context), self.num_heads).transpose(0, 2, 1, 3)
+        return keys, values
 
     def __call__(
         self,
@@ -178,9 +196,7 @@ class MultiheadAttention(nnx.Module):
         if kv is None:
             kv = self.project_kv(x if context is None else context)
         q = split_heads(self.q(x), self.num_heads)
-        out = dot_product_attention(
-            q, *kv, mask, dropout_rate=self.dropout_rate, rngs=rngs
-        )
+        out = attend(q, *kv, mask, dropout_rate=self.dropout_rate, rngs=rngs)
         return self.out(merge_heads(out))
 
 

@@ -229,8 +229,9 @@ def test_decoding_loop_copies_no_cache(imported, method):
     model = CaptionModel(imported("tiny").module)
     options = DecodeOptions(method=method, max_new_tokens=6, beam_width=3)
     features = jnp.asarray(_features(model, 4))
-    compiled = model._decode.lower(model.state, features, row_keys(0, np.arange(4, dtype=np.uint64), 0),
-                                   jnp.float32(0.7), jnp.float32(0.7), options=options)
+    keys = row_keys(0, np.arange(4, dtype=np.uint64), 0)
+    compiled = model._decode.lower(model.state, features, keys, jnp.float32(0.7),
+                                   jnp.float32(0.7), options=options)
     loops = _while_bodies(compiled.compile().as_text())
     decoding = [(shapes, body) for shapes, body in loops.values() if len(shapes) >= 4]
     assert decoding, "no decoding loop found in the compiled program"

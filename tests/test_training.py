@@ -94,9 +94,15 @@ def test_tiny_model_overfits_a_tiny_batch():
     trainer = Trainer(CFG, {k: 3e-3 for k in ("perceiver", "gpt2", "xattn", "lm")})
     state = trainer.init(_params())
     batch = _batch(rows=4, seed=1)
-    for _ in range(300):  # dropout stays on, so the curve is noisy on the way down
+    losses = []
+    for _ in range(300):
         state, metrics = trainer.step(state, batch)
-    assert metrics["loss"] < 0.1
+        losses.append(metrics["loss"])
+    # Dropout stays on and Adam at 3e-3 spikes once the loss is near zero (single steps at
+    # 0.2-0.6 after it reached 0.02), so the last step alone says little: the loss must have
+    # come down from chance to near zero, and stay low most of the last 100 steps.
+    assert losses[0] > 5 and min(losses) < 0.03
+    assert np.median(losses[-100:]) < 0.1
 
 
 def test_one_and_two_devices_give_the_same_losses():

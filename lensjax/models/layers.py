@@ -4,6 +4,8 @@
   inference (`set_storage`); checkpoints always see the (in, out) float32 kernel.
 - `MultiheadAttention`: `torch.nn.MultiheadAttention(batch_first=True)` with the packed
   `in_proj_weight` split into separate `q`, `k`, `v` Linear layers (the bridge packs/unpacks).
+- `dot_product_attention` / `attend`: softmax attention per head; `attend` takes keys and values
+  in the layouts its products read, as `MultiheadAttention.project_kv` returns them.
 - `layer_norm`: LayerNorm with an explicit epsilon and the exact (two-pass) variance.
 - `adaptive_avg_pool2d`: torch's `AdaptiveAvgPool2d` window rule, overlap included.
 - `dropout`: inverted dropout that is active only when an `nnx.Rngs` is passed (training).

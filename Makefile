@@ -4,12 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# `make demo` needs the project and torch (its export step writes the original's .pth files);
-# the tests also need TensorFlow, timm, transformers, open_clip's vocabulary and the rest.
+# `make demo` needs the project alone (its export step writes the original's .pth files without
+# torch); the tests also need torch, TensorFlow, timm, transformers, open_clip's vocabulary...
 DEMO_STAMP := $(VENV)/.lensjax-demo
 STAMP := $(VENV)/.lensjax-installed
 # Without bytecode compilation at install time (Python compiles what it imports, on first
-# import): a fresh venv installs in half the time (1.5 min instead of 2.6 for the demo's).
+# import): a fresh venv installs in about half the time.
 PIP_INSTALL := $(PY) -m pip install --no-compile
 PYTEST_ARGS ?=
 # Test files run on this many processes (pytest-xdist; most of a test's time is XLA compiling,
@@ -24,7 +24,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEMO_STAMP): pyproject.toml | $(PY)
-	$(PIP_INSTALL) -e '.[bridge]'
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(STAMP): pyproject.toml | $(PY)

@@ -1,8 +1,9 @@
 """Reading and writing PyTorch state dicts as {key: numpy array}, dtype preserved.
 
-`.pth`/`.bin` files are read only with `torch.load(weights_only=True)`: a pickle that would run
-code is refused, never executed. `.safetensors` files are parsed directly, without torch.
-bfloat16 tensors become `ml_dtypes.bfloat16` numpy arrays (numpy has no bfloat16 of its own).
+`.pth`/`.bin` files are read and written without torch (`bridge.torch_files`): only tensors
+are read, as `torch.load(weights_only=True)` reads them, and a pickle that would run code is
+refused, never executed. `.safetensors` files are parsed directly. bfloat16 tensors become
+`ml_dtypes.bfloat16` numpy arrays (numpy has no bfloat16 of its own).
 """
 
 from __future__ import annotations
@@ -127,32 +128,31 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
             handle.write(array.tobytes())
 
 
-def _torch():
+def _legacy_torch_file(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of a pre-1.6 `torch.save` file (a bare pickle stream),
+    the one format read with torch; tensors become numpy arrays."""
     try:
         import torch
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise BridgeError(
-            "reading or writing .pth files needs PyTorch: pip install 'lensjax[bridge]'"
-        ) from error
-    return torch
+    except ImportError:  # pragma: no cover - depends on the install
+        raise BridgeError(f"{path}: a legacy (pre-PyTorch 1.6) torch.save file; reading it needs "
+                          "PyTorch (pip install torch), or re-save it with a newer torch"
+                          ) from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(str(error).splitlines()[0]) from error
 
+    def to_numpy(value):
+        if isinstance(value, Mapping):
+            return {key: to_numpy(item) for key, item in value.items()}
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.detach().contiguous()
+        if value.dtype == torch.bfloat16:
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return value.numpy().copy()
 
-def tensor_to_numpy(tensor) -> np.ndarray:
-    """A torch tensor -> numpy array of the same dtype (bfloat16 via ml_dtypes)."""
-    torch = _torch()
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return tensor.numpy().copy()
-
-
-def numpy_to_tensor(array: np.ndarray):
-    """Inverse of `tensor_to_numpy`."""
-    torch = _torch()
-    array = np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
-    if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+    return to_numpy(loaded)
 
 
 # torch.save writes a zip archive; before PyTorch 1.6 it wrote a pickle stream (protocol 2+).
@@ -160,8 +160,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_STARTS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 
 
-def _check_torch_format(path: Path) -> None:
-    """Refuse a file that is neither of torch.save's formats, before torch reads it."""
+def _check_torch_format(path: Path) -> bytes:
+    """Refuse a file that is neither of torch.save's formats; its first bytes."""
     with open(path, "rb") as handle:
         start = handle.read(4)
     if not start:
@@ -171,34 +171,31 @@ def _check_torch_format(path: Path) -> None:
             f"{path}: not a PyTorch weights file (neither a zip-format nor a legacy torch.save "
             f"file; it starts with {start!r})"
         )
+    return start
 
 
 def read_torch_file(path: Path) -> StateDict:
-    """`torch.load(path, weights_only=True)` -> {key: numpy array}, with clear errors. A
-    TorchScript archive (OpenAI's CLIP `.pt`) is read by `bridge.torchscript` instead, which
-    never runs its code."""
-    _check_torch_format(path)
-    from bridge.torchscript import is_torchscript, read_torchscript
+    """A `torch.save` state dict (or a TorchScript archive's tensors, OpenAI's CLIP `.pt`) ->
+    {key: numpy array}, dtype preserved, with clear errors. Read without torch and without
+    running code from the file (`bridge.torch_files`); only the legacy pre-1.6 format needs
+    torch, and is read with `torch.load(weights_only=True)`."""
+    start = _check_torch_format(path)
+    from bridge.torch_files import is_torchscript, read_torch_zip, read_torchscript
 
-    if is_torchscript(path):
-        try:
-            return read_torchscript(path)
-        except pickle.UnpicklingError as error:
-            raise BridgeError(f"{path}: refused to load this TorchScript archive: {error} "
-                              "(only module trees of tensors are read, never code)") from error
-        except (KeyError, ValueError, StopIteration, zipfile.BadZipFile, EOFError) as error:
-            raise BridgeError(f"{path}: not a readable TorchScript archive (truncated or "
-                              f"corrupt?): {error!r}") from error
-    torch = _torch()
+    scripted = start.startswith(_ZIP_MAGIC) and is_torchscript(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if scripted:
+            return read_torchscript(path)
+        loaded = read_torch_zip(path) if start.startswith(_ZIP_MAGIC) else _legacy_torch_file(path)
     except pickle.UnpicklingError as error:
+        what = "TorchScript archive" if scripted else "file"
         raise BridgeError(
-            f"{path}: refused to load: the file holds Python objects other than tensors, and "
-            "lensjax loads .pth files only with torch.load(weights_only=True), never running "
-            f"code from a pickle ({str(error).splitlines()[0]})"
+            f"{path}: refused to load this {what}: {error} (lensjax reads only tensors from "
+            "PyTorch files, as torch.load(weights_only=True) does, and never runs code from "
+            "a pickle)"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except (KeyError, ValueError, TypeError, StopIteration, zipfile.BadZipFile, EOFError,
+            OSError, RuntimeError) as error:
         raise BridgeError(
             f"{path}: not a readable PyTorch weights file (truncated or corrupt?): "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
@@ -209,10 +206,10 @@ def read_torch_file(path: Path) -> StateDict:
             loaded = only
     if not isinstance(loaded, Mapping):
         raise BridgeError(f"{path}: expected a state dict, found {type(loaded).__name__}")
-    not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, np.ndarray)]
     if not_tensors:
         raise BridgeError(f"{path}: entries that are not tensors: {', '.join(not_tensors[:10])}")
-    return {key: tensor_to_numpy(value) for key, value in loaded.items()}
+    return dict(loaded)
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
@@ -234,6 +231,8 @@ def count_non_finite(array: np.ndarray) -> int:
 
 
 def write_torch_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """`torch.save` of {key: tensor}, loadable with `load_state_dict(strict=True)`."""
-    torch = _torch()
-    torch.save({key: numpy_to_tensor(value) for key, value in tensors.items()}, path)
+    """{key: array} as `torch.save` writes a state dict (without torch), loadable with
+    `torch.load(weights_only=True)` and `load_state_dict(strict=True)`."""
+    from bridge.torch_files import write_torch_zip
+
+    write_torch_zip(path, tensors)

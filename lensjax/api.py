@@ -408,12 +408,12 @@ def build_model(
     encoder_head: str | os.PathLike | None = None,
     preset: str = "v3b",
 ) -> CaptionModel:
-    """LensToWords' `build_model`, straight from the released files (needs torch).
+    """LensToWords' `build_model`, straight from the released files (read without torch).
 
     `gpt2` is the public HF gpt2 folder or weights file (for wte, wpe, ln_f); `encoder` a timm
     ConvNeXt-Tiny checkpoint and `encoder_head` a head file, both optional.
     """
-    from bridge.convert import import_model  # the bridge is the only torch user
+    from bridge.convert import import_model
 
     return import_model(
         perceiver=perciever_path,

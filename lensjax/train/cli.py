@@ -67,7 +67,7 @@ initial weights (--init KEY=SOURCE, comma-separated or repeated):
                     default RUNS_DIR/NAME/best), or any lensjax checkpoint, e.g. a bridged
                     release: 2d=weights/v3b
   gpt2=PATH         the pretrained GPT-2 for 2a/2c: an HF gpt2 folder (read through the
-                    bridge, needs torch) or a lensjax checkpoint; also overrides where any
+                    bridge) or a lensjax checkpoint; also overrides where any
                     phase's GPT-2 comes from
   perceiver=, xattn=, encoder=PATH (v3b), projection_head=, decoder=PATH (v3a),
   decoder=, encoder=PATH (v1/v2: a word decoder brings its vocabulary, an encoder its

@@ -1,5 +1,5 @@
 """Where a phase's initial weights come from: earlier phases' run folders, lensjax
-checkpoints, or (through the bridge, the only place here that needs torch) an HF gpt2 folder."""
+checkpoints, or (through the bridge) an HF gpt2 folder."""
 
 from __future__ import annotations
 
@@ -179,11 +179,7 @@ def initial_params(cfg, sources: Mapping[str, str | Path], seed: int, store: Che
 
 
 def _pretrained_gpt2(path: Path, cfg) -> dict[str, np.ndarray]:
-    try:
-        from bridge.convert import import_gpt2
-    except ImportError as error:
-        raise TrainError(f"reading the HF gpt2 weights in {path} needs the bridge (torch): "
-                         f"pip install 'lensjax[bridge]' ({error})") from None
+    from bridge.convert import import_gpt2
     from bridge.io import BridgeError
 
     try:

@@ -105,11 +105,11 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert np.median(losses[-100:]) < 0.1
 
 
-def test_one_and_two_devices_give_the_same_losses():
+def test_one_and_two_devices_give_the_same_losses_with_and_without_gathered_rows():
     script = textwrap.dedent("""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-        import jax, json, numpy as np
+        import itertools, jax, json, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
         from flax import nnx
         from lensjax import Captioner, CaptionerConfig
@@ -120,9 +120,10 @@ def test_one_and_two_devices_give_the_same_losses():
         params = {k: np.asarray(v) for k, v in
                   flat_params(Captioner(CFG, rngs=nnx.Rngs(0))).items()}
         curves = []
-        for devices in (jax.devices()[:1], jax.devices()):
+        # loss_rows 24: the output layer runs on 24 of the 32-36 positions where they fit
+        for devices, rows in itertools.product((jax.devices()[:1], jax.devices()), (None, 24)):
             trainer = Trainer(CFG, {"perceiver": 1e-3, "xattn": 1e-3, "gpt2": 1e-4},
-                              mesh=data_mesh(devices))
+                              mesh=data_mesh(devices), loss_rows=rows)
             state = trainer.init(params)
             losses = []
             for step in range(10):
@@ -134,8 +135,9 @@ def test_one_and_two_devices_give_the_same_losses():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=Path(__file__).parent, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = __import__("json").loads(result.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(one, two, atol=1e-5, rtol=0)
+    one, *others = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    for other in others:  # two devices, and each with the output layer on gathered rows
+        np.testing.assert_allclose(one, other, atol=1e-5, rtol=0)
     assert one[-1] < one[0]
 
 

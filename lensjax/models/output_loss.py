@@ -12,11 +12,18 @@ reducing them along the vocabulary, cost more than the products (BENCHMARKS.md, 
 Each chunk's logits are computed as (chunk, rows), so the reductions run over the leading
 axis, which XLA:CPU vectorises across rows; along the 50,257-long trailing axis the same
 reductions were 5-8x slower.
+
+A training step needs the losses of the positions its loss counts only (captions are
+padded to the batch's longest). Given `rows` (`LossRows`: which positions count, and a row
+budget), `output_cross_entropy` gathers those positions' hidden states and runs the
+vocabulary products on the budget's rows instead of all of them, falling back to every row
+(inside the same compiled program) for a batch whose counted positions overflow the budget.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +32,60 @@ from jax import lax
 DEFAULT_CHUNK = 4096
 
 
+class LossRows(NamedTuple):
+    """The positions whose losses are needed: `counted` (...) bool, the shape of the targets;
+    `budget`, how many rows (over all groups) the vocabulary products run on when every group
+    fits; `groups`, how many equal leading slices of the rows are gathered apart (one per
+    device of a data-parallel batch, so each gathers its own rows)."""
+
+    counted: jax.Array
+    budget: int
+    groups: int = 1
+
+
 def output_cross_entropy(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None,
-                         targets: jax.Array, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+                         targets: jax.Array, chunk: int = DEFAULT_CHUNK,
+                         rows: LossRows | None = None) -> jax.Array:
     """Per-row cross-entropy of the logits `hidden @ weight.T (+ bias)` against `targets`.
 
     hidden (..., d), weight (V, d) (the (out, in) layout of an output layer or a tied
     embedding table), bias (V,) or None, targets (...) int in [0, V) -> float32 losses (...).
+    With `rows`, the losses at `rows.counted` positions and 0 elsewhere, computed on at most
+    `rows.budget` gathered rows while the counted positions fit (module docstring).
     Differentiable in hidden, weight and bias; products run in the inputs' dtype with float32
     accumulation, the softmax in float32.
     """
     if bias is None:
         bias = jnp.zeros((weight.shape[0],), jnp.float32)
-    lead = hidden.shape[:-1]
-    losses = _cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                            targets.reshape(-1).astype(jnp.int32), chunk)
-    return losses.reshape(lead)
+    lead, width = hidden.shape[:-1], hidden.shape[-1]
+    hidden, targets = hidden.reshape(-1, width), targets.reshape(-1).astype(jnp.int32)
+    if rows is None:
+        return _cross_entropy(hidden, weight, bias, targets, chunk).reshape(lead)
+    groups = rows.groups
+    hidden, targets = hidden.reshape(groups, -1, width), targets.reshape(groups, -1)
+    counted = rows.counted.reshape(groups, -1)
+    size = counted.shape[1]
+    per_group = -(-rows.budget // groups)
+
+    def every_row(_):
+        losses = _cross_entropy(hidden.reshape(-1, width), weight, bias, targets.reshape(-1),
+                                chunk)
+        return jnp.where(counted, losses.reshape(groups, size), 0.0)
+
+    def gathered(_):
+        index = jax.vmap(lambda c: jnp.nonzero(c, size=per_group, fill_value=size)[0])(counted)
+        picked = jnp.take_along_axis(hidden, index[..., None], axis=1, mode="fill",
+                                     fill_value=0)
+        labels = jnp.take_along_axis(targets, index, axis=1, mode="fill", fill_value=0)
+        losses = _cross_entropy(picked.reshape(-1, width), weight, bias, labels.reshape(-1),
+                                chunk).reshape(groups, per_group)
+        return jax.vmap(lambda i, loss: jnp.zeros((size,), jnp.float32).at[i].set(
+            loss, mode="drop"))(index, losses)
+
+    if per_group >= size:
+        return every_row(None).reshape(lead)
+    fits = jnp.all(counted.sum(axis=1) <= per_group)
+    return lax.cond(fits, gathered, every_row, None).reshape(lead)
 
 
 def _chunk_logits(hidden: jax.Array, weight: jax.Array, bias: jax.Array, start) -> jax.Array:

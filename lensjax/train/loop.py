@@ -83,6 +83,19 @@ class InterruptGuard:
         self._holding += 1
 
 
+def _loss_rows(batches, settings: Settings, devices: int) -> int:
+    """The output layer's row budget for this run's training batches (`loss_row_budget`),
+    from every training caption's counted positions."""
+    from lensjax.data.tokenizer import shift
+    from lensjax.train.step import counted_positions, loss_row_budget
+
+    parts = batches.examples if isinstance(batches.examples, list) else [batches.examples]
+    counts = np.concatenate([
+        counted_positions(shift(part.sequences)[1], part.lengths, settings.loss, np).sum(1)
+        for part in parts])
+    return loss_row_budget(counts, settings.batch_size, devices)
+
+
 class PhaseRun:
     """One phase run: the loop, checkpoints, metrics and the end-of-phase evaluation.
     `progress` is where the loop is; `saved_step` the step latest/ holds (None: no
@@ -101,7 +114,7 @@ class PhaseRun:
         from lensjax.data.tokenizer import GPT2Tokenizer
         from lensjax.lora import LoRASpec
         from lensjax.train.plateau import PlateauSchedule
-        from lensjax.train.step import Trainer
+        from lensjax.train.step import GPT2_LOSSES, Trainer
 
         self.phase, self.settings, self.cfg = phase, settings, cfg
         self.progress_bar = progress_bar
@@ -146,7 +159,9 @@ class PhaseRun:
                                remat=settings.remat, dtype=settings.dtype,
                                from_pixels=settings.from_pixels, lora_spec=self.lora_spec,
                                ewc_lambda=settings.ewc or 0.0, token_weights=token_weights,
-                               clip_norm=settings.clip_norm, optimizer=settings.optimizer)
+                               clip_norm=settings.clip_norm, optimizer=settings.optimizer,
+                               loss_rows=(_loss_rows(self.batches, settings, devices)
+                                          if settings.loss in GPT2_LOSSES else None))
         self.resumed = params if isinstance(params, Resumed) else None
         self.params = {} if self.resumed else params
 

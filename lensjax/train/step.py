@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lensjax import lora
 from lensjax.data.tokenizer import EOS_ID
+from lensjax.models.output_loss import LossRows
 from lensjax.optim import build_optimizer, labels_for, split_trainable
 from lensjax.params import module_from_flat
 
@@ -135,6 +136,18 @@ def trim_padding(batch: Batch, mode: LossMode = "eos", bucket: int = LENGTH_BUCK
     return batch._replace(inputs=np.asarray(batch.inputs)[:, :keep], targets=targets[:, :keep])
 
 
+def loss_row_budget(counts: np.ndarray, batch_size: int, groups: int = 1) -> int:
+    """How many rows of a batch the output layer's products run on (`LossRows`), from the
+    counted positions of every training example (N,) int: the batch's expected count plus
+    four standard deviations, rounded up to a multiple of 8 per group (of `groups` devices).
+    A batch that needs more (about 1 in 30,000) runs on all its rows, so this is a speed
+    setting, never a limit."""
+    counts = np.asarray(counts, np.float64)
+    expected = batch_size * counts.mean() + 4 * np.sqrt(batch_size) * counts.std()
+    step = 8 * groups
+    return int(-(-np.ceil(expected) // step) * step)
+
+
 def data_mesh(devices: list | None = None) -> Mesh:
     """A one-axis ("data") mesh over every device (of every process, after
     `jax.distributed.initialize()`)."""
@@ -159,6 +172,7 @@ class Trainer:
         token_weights: np.ndarray | None = None,
         clip_norm: float | None = None,
         optimizer: str = "adam",
+        loss_rows: int | None = None,
     ):
         """`remat`: gradient checkpointing of the GPT-2 blocks (and of the encoder stages).
         `dtype` bfloat16: compute in bfloat16 (mixed precision); parameters and optimizer
@@ -168,7 +182,12 @@ class Trainer:
         `ewc_lambda` > 0: the EWC penalty with the `EWC` given to `init`.
         `token_weights` (V,): the "weighted-words" loss's per-word weights. `clip_norm`:
         each weight's gradient clipped to that norm on its own (Keras' `clipnorm`).
-        `optimizer`: "adam" (optax's) or "keras-adam" (Keras', for v1/v2)."""
+        `optimizer`: "adam" (optax's) or "keras-adam" (Keras', for v1/v2). `loss_rows`
+        (GPT-2 token losses only): the output layer's row budget per global batch
+        (`loss_row_budget`), so its products skip the padding; None runs them on every
+        position."""
+        if loss_rows is not None and loss not in GPT2_LOSSES:
+            raise ValueError(f"loss_rows is for the GPT-2 token losses, not {loss!r}")
         if (loss == "weighted-words") != (token_weights is not None):
             raise ValueError("token_weights go with the weighted-words loss, and only there")
         if from_pixels and (cfg.encoder is None or cfg.head is None):
@@ -186,6 +205,7 @@ class Trainer:
         self.token_weights = (None if token_weights is None
                               else np.asarray(token_weights, np.float32))
         self.clip_norm, self.optimizer_name = clip_norm, optimizer
+        self.loss_rows = loss_rows
         self._labels: dict[str, str] | None = None
         self.optimizer: optax.GradientTransformation | None = None
         self._step: Callable | None = None
@@ -271,9 +291,13 @@ class Trainer:
         features = features.astype(self.dtype)
         if self.from_pixels:
             features = model.encode(features, remat=remat)
+        extra = {}
+        if self.loss_rows is not None:
+            counted = counted_positions(batch.targets, batch.lengths, self._loss)
+            extra["rows"] = LossRows(counted, self.loss_rows, self.mesh.devices.size)
         losses = model.token_losses(features, batch.inputs, batch.targets,
                                     rngs=None if key is None else nnx.Rngs(dropout=key),
-                                    remat=remat)
+                                    remat=remat, **extra)
         loss = mean_counted(losses, batch.targets, batch.lengths, self._loss,
                             self.token_weights)
         return loss + model.regularization() if hasattr(model, "regularization") else loss

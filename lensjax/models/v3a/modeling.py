@@ -36,7 +36,7 @@ from lensjax.models.layers import (
     merge_heads,
     split_heads,
 )
-from lensjax.models.output_loss import output_cross_entropy
+from lensjax.models.output_loss import LossRows, output_cross_entropy
 from lensjax.models.v3a.config import TransformerConfig, V3AConfig
 
 
@@ -185,14 +185,16 @@ class V3ACaptioner(ImageEncoding, KVCacheDecoding):
         return self.decoder.logits(hidden)
 
     def token_losses(self, features: jax.Array, input_ids: jax.Array, targets: jax.Array, *,
-                     rngs: nnx.Rngs | None = None, remat: bool = False) -> jax.Array:
+                     rngs: nnx.Rngs | None = None, remat: bool = False,
+                     rows: LossRows | None = None) -> jax.Array:
         """Features (B, S, feature_dim), ids and targets (B, T) int -> cross-entropy of each
         position float32 (B, T), as from `__call__`'s logits, without forming them
-        (`lensjax.models.output_loss`)."""
+        (`lensjax.models.output_loss`; with `rows`, only the counted positions', 0 elsewhere)."""
         memory_kv = self.decoder.memory_kv(self.projection_head(features))
         hidden, _ = self.decoder.transform(input_ids, memory_kv, rngs=rngs)
         head = self.decoder.output_proj
-        return output_cross_entropy(hidden, head.output_weight(), head.bias[...], targets)
+        return output_cross_entropy(hidden, head.output_weight(), head.bias[...], targets,
+                                    rows=rows)
 
     def start_decoding(self, features: jax.Array, slots: int, max_new: int) -> DecodePrefix:
         """Decode hook (`lensjax.models.decoding`): the projected memory's cross-attention

@@ -22,7 +22,7 @@ from lensjax.models.convnext import ConvNeXtConfig, HeadConfig
 from lensjax.models.decoding import DecodePrefix, KVCacheDecoding
 from lensjax.models.encoding import ImageEncoding
 from lensjax.models.kv_cache import KVCache
-from lensjax.models.output_loss import output_cross_entropy
+from lensjax.models.output_loss import LossRows, output_cross_entropy
 from lensjax.models.v3b.gpt2 import GPT2Config, GPT2Decoder, Mode
 from lensjax.models.v3b.perceiver import PerceiverConfig
 
@@ -170,12 +170,13 @@ class Captioner(ImageEncoding, KVCacheDecoding):
 
     def token_losses(
         self, features: jax.Array, input_ids: jax.Array, targets: jax.Array, *,
-        rngs: nnx.Rngs | None = None, remat: bool = False,
+        rngs: nnx.Rngs | None = None, remat: bool = False, rows: LossRows | None = None,
     ) -> jax.Array:
         """Features (B, S, feature_dim), ids and targets (B, T) int -> cross-entropy of each
         position float32 (B, T), as from `__call__`'s logits, without forming them
-        (`lensjax.models.output_loss`)."""
+        (`lensjax.models.output_loss`; with `rows`, only the counted positions', 0 elsewhere)."""
         latents = self.resample(features, rngs=rngs)
         hidden = self.gpt2.hidden_states(input_ids, latents, mode=self.cfg.mode, rngs=rngs,
                                          remat=remat)
-        return output_cross_entropy(hidden, self.gpt2.wte.embedding[...], None, targets)
+        return output_cross_entropy(hidden, self.gpt2.wte.embedding[...], None, targets,
+                                    rows=rows)

@@ -92,4 +92,12 @@ def build_captioner(
 ) -> nnx.Module:
     """A captioner of `cfg` holding `params` (cast to `dtype`); every path must be present."""
     check_params(cfg, params)
-    return module_from_flat(cfg, {p: jnp.asarray(v, dtype) for p, v in params.items()})
+    return module_from_flat(cfg, {p: _on_device(v, dtype) for p, v in params.items()})
+
+
+def _on_device(value: Any, dtype: jnp.dtype) -> jax.Array:
+    """`value` as a device array of `dtype`: host arrays are cast on the host and put (what
+    `jnp.asarray` does through a compiled copy, one per shape)."""
+    if isinstance(value, jax.Array):
+        return value.astype(dtype)
+    return jax.device_put(np.asarray(value, dtype))

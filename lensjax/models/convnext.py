@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from lensjax.models import init
 from lensjax.models.layers import (
     DepthwiseConv2d,
     Linear,
@@ -53,7 +55,7 @@ class ConvNeXtBlock(nnx.Module):
         self.conv_dw = DepthwiseConv2d(dim, 7, rngs=rngs)
         self.norm = layer_norm(dim, cfg.eps, rngs=rngs)
         self.mlp = ConvNeXtMlp(dim, 4 * dim, rngs=rngs)
-        self.gamma = nnx.Param(jnp.full((dim,), cfg.ls_init_value, jnp.float32))
+        self.gamma = nnx.Param(jax.device_put(np.full((dim,), cfg.ls_init_value, np.float32)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -89,7 +91,8 @@ class ConvNeXtStage(nnx.Module):
             nnx.List(
                 [
                     layer_norm(in_dim, cfg.eps, rngs=rngs),
-                    nnx.Conv(in_dim, dim, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs),
+                    nnx.Conv(in_dim, dim, (2, 2), strides=(2, 2), padding="VALID",
+                             kernel_init=init.lecun_normal(), bias_init=init.zeros, rngs=rngs),
                 ]
             )
             if downsample
@@ -115,7 +118,8 @@ class ConvNeXt(nnx.Module):
         self.cfg = cfg
         self.stem = nnx.List(
             [
-                nnx.Conv(3, cfg.dims[0], (4, 4), strides=(4, 4), padding="VALID", rngs=rngs),
+                nnx.Conv(3, cfg.dims[0], (4, 4), strides=(4, 4), padding="VALID",
+                         kernel_init=init.lecun_normal(), bias_init=init.zeros, rngs=rngs),
                 layer_norm(cfg.dims[0], cfg.eps, rngs=rngs),
             ]
         )

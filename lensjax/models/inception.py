@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lensjax.models import init
+
 IMAGE_SIZE = 299
 BN_EPSILON = 1e-3
 
@@ -73,11 +75,10 @@ class ConvBN(nnx.Module):
 
     def __init__(self, n_in: int, spec: tuple[int, int, int, int, str], *, rngs: nnx.Rngs):
         out, kh, kw, self.stride, self.padding = spec
-        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # glorot_uniform
-        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, n_in, out), jnp.float32))
-        self.beta = nnx.Param(jnp.zeros((out,), jnp.float32))
-        self.mean = nnx.Param(jnp.zeros((out,), jnp.float32))
-        self.variance = nnx.Param(jnp.ones((out,), jnp.float32))
+        self.kernel = nnx.Param(init.glorot_uniform()(rngs.params(), (kh, kw, n_in, out)))
+        self.beta = nnx.Param(init.zeros(None, (out,)))
+        self.mean = nnx.Param(init.zeros(None, (out,)))
+        self.variance = nnx.Param(init.ones(None, (out,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, in) -> (B, H', W', out)."""

@@ -25,10 +25,13 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lensjax.models import init
+
 
 def layer_norm(num_features: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm over the last axis with torch's exact variance; params `scale`, `bias`."""
-    return nnx.LayerNorm(num_features, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(num_features, epsilon=eps, use_fast_variance=False,
+                         scale_init=init.ones, bias_init=init.zeros, rngs=rngs)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -111,6 +114,8 @@ class Linear(nnx.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, **kwargs):
+        kwargs.setdefault("kernel_init", init.lecun_normal())
+        kwargs.setdefault("bias_init", init.zeros)
         super().__init__(in_features, out_features, **kwargs)
         self.transposed = False
         # (A (in, r), B (r, out), scale) while training a LoRA adapter (lensjax.lora.attach)
@@ -280,9 +285,9 @@ class DepthwiseConv2d(nnx.Module):
     def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(
+        self.kernel = nnx.Param(init.lecun_normal()(
             rngs.params(), (kernel_size, kernel_size, 1, channels), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.bias = nnx.Param(init.zeros(None, (channels,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""

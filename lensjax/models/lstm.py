@@ -35,10 +35,12 @@ from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax import lax
 
+from lensjax.models import init
 from lensjax.models.config_fields import JsonConfig
 from lensjax.models.decoding import DecodePrefix
 from lensjax.models.inception import InceptionEncoding
@@ -115,13 +117,12 @@ class KerasLSTM(nnx.Module):
     """`keras.layers.LSTM` (default activations), step by step or over a sequence."""
 
     def __init__(self, n_in: int, hidden: int, *, rngs: nnx.Rngs):
-        glorot = nnx.initializers.glorot_uniform()
         self.hidden = hidden
-        self.kernel = nnx.Param(glorot(rngs.params(), (n_in, 4 * hidden)))
-        self.recurrent_kernel = nnx.Param(nnx.initializers.orthogonal()(
+        self.kernel = nnx.Param(init.glorot_uniform()(rngs.params(), (n_in, 4 * hidden)))
+        self.recurrent_kernel = nnx.Param(init.orthogonal()(
             rngs.params(), (hidden, 4 * hidden)))
         # unit_forget_bias: the forget gate's bias starts at 1
-        self.bias = nnx.Param(jnp.zeros((4 * hidden,)).at[hidden:2 * hidden].set(1.0))
+        self.bias = nnx.Param(jax.device_put(np.repeat(np.float32([0, 1, 0, 0]), hidden)))
 
     def step(self, state: tuple[jax.Array, jax.Array], x: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +160,7 @@ class V1Decoder(LSTMDecoding, nnx.Module):
         self.cfg = cfg
         self.image_dense1 = Linear(cfg.feature_dim, 512, rngs=rngs)
         self.image_dense2 = Linear(512, cfg.image_dim, rngs=rngs)
-        self.embedding = nnx.Param(nnx.initializers.uniform(0.1)(
+        self.embedding = nnx.Param(init.uniform(0.1)(
             rngs.params(), (cfg.vocab_size, cfg.embed_dim)) - 0.05)
         self.lstm = KerasLSTM(cfg.embed_dim, cfg.hidden, rngs=rngs)
         merged = cfg.hidden + (cfg.image_dim if cfg.fusion == "concat" else 0)
@@ -245,7 +246,7 @@ class V2Decoder(LSTMDecoding, nnx.Module):
         self.image_dense = Linear(cfg.feature_dim, cfg.dim, rngs=rngs)
         self.init_h = Linear(cfg.dim, cfg.dim, rngs=rngs)
         self.init_c = Linear(cfg.dim, cfg.dim, rngs=rngs)
-        self.embedding = nnx.Param(nnx.initializers.uniform(0.1)(
+        self.embedding = nnx.Param(init.uniform(0.1)(
             rngs.params(), (cfg.vocab_size, cfg.dim)) - 0.05)
         self.lstm = KerasLSTM(cfg.dim, cfg.dim, rngs=rngs)
         self.attention = TemporalImageAttention(cfg.dim, rngs=rngs)

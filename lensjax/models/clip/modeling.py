@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lensjax.models import init
 from lensjax.models.clip.config import CLIPConfig, TextConfig, VisionConfig
 from lensjax.models.layers import Linear, MultiheadAttention, layer_norm
 
@@ -70,12 +71,12 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, eps: float, *, rngs: nnx.Rngs):
         self.cfg = cfg
         scale = cfg.width ** -0.5
-        init = nnx.initializers.normal(scale)
-        self.conv1 = nnx.Param(nnx.initializers.lecun_normal()(
+        normal = init.normal(scale)
+        self.conv1 = nnx.Param(init.lecun_normal()(
             rngs.params(), (cfg.patch_size, cfg.patch_size, 3, cfg.width)))
-        self.class_embedding = nnx.Param(init(rngs.params(), (cfg.width,)))
-        self.positional_embedding = nnx.Param(init(rngs.params(), (cfg.grid ** 2 + 1,
-                                                                    cfg.width)))
+        self.class_embedding = nnx.Param(normal(rngs.params(), (cfg.width,)))
+        self.positional_embedding = nnx.Param(normal(rngs.params(), (cfg.grid ** 2 + 1,
+                                                                      cfg.width)))
         self.ln_pre = layer_norm(cfg.width, eps, rngs=rngs)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, eps, rngs=rngs)
         self.ln_post = layer_norm(cfg.width, eps, rngs=rngs)
@@ -105,12 +106,12 @@ class CLIP(nnx.Module):
         text: TextConfig = cfg.text
         self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.eps, rngs=rngs)
         self.token_embedding = nnx.Embed(text.vocab_size, text.width,
-                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.positional_embedding = nnx.Param(nnx.initializers.normal(0.01)(
+                                         embedding_init=init.normal(0.02), rngs=rngs)
+        self.positional_embedding = nnx.Param(init.normal(0.01)(
             rngs.params(), (text.context_length, text.width)))
         self.transformer = Transformer(text.width, text.layers, text.heads, cfg.eps, rngs=rngs)
         self.ln_final = layer_norm(text.width, cfg.eps, rngs=rngs)
-        self.text_projection = nnx.Param(nnx.initializers.normal(text.width ** -0.5)(
+        self.text_projection = nnx.Param(init.normal(text.width ** -0.5)(
             rngs.params(), (text.width, cfg.embed_dim)))
         self.logit_scale = nnx.Param(jnp.asarray(jnp.log(1 / 0.07), jnp.float32))
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.data.tokenizer import EOS_ID
+from lensjax.models import init
 from lensjax.models.decoding import DecodePrefix, KVCacheDecoding
 from lensjax.models.encoding import ImageEncoding
 from lensjax.models.kv_cache import KVCache, cached_attention, empty_caches, write_cache
@@ -124,7 +125,7 @@ class TransformerDecoder(nnx.Module):
         self.positional_encoding = nnx.Param(
             jnp.asarray(sinusoidal_table(cfg.max_positions, cfg.d_model)))
         self.embedding = nnx.Embed(cfg.vocab_size, cfg.d_model,
-                                   embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                                   embedding_init=init.normal(1.0), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.output_proj = Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
 

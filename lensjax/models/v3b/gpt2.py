@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from lensjax.models import init
 from lensjax.models.kv_cache import KVCache, cached_attention, empty_caches, write_cache
 from lensjax.models.layers import (
     Linear,
@@ -72,7 +73,7 @@ class GPT2Config:
 
 
 def _gpt2_linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> Linear:
-    return Linear(n_in, n_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    return Linear(n_in, n_out, kernel_init=init.normal(0.02), rngs=rngs)
 
 
 class GPT2Attention(nnx.Module):
@@ -183,7 +184,7 @@ class GPT2Decoder(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        embed_init = nnx.initializers.normal(0.02)
+        embed_init = init.normal(0.02)
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, rngs=rngs)
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, rngs=rngs)
         self.h = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lensjax.models import init
 from lensjax.models.layers import Linear, MultiheadAttention, dropout, gelu_exact, layer_norm
 
 
@@ -79,7 +80,7 @@ class Perceiver(nnx.Module):
 
     def __init__(self, cfg: PerceiverConfig, *, rngs: nnx.Rngs):
         self.linear = Linear(cfg.in_dim, cfg.dim, rngs=rngs)
-        self.latents = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_latents, cfg.dim)))
+        self.latents = nnx.Param(init.normal(1.0)(rngs.params(), (cfg.num_latents, cfg.dim)))
         self.cross_attn = MultiheadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
         self.self_attn = nnx.List(
             [TransformerEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
@@ -97,7 +98,7 @@ class SrcPerceiver(nnx.Module):
     """The `src/model.py` Perceiver. (B, S, in_dim) -> (B, num_latents, dim)."""
 
     def __init__(self, cfg: PerceiverConfig, *, rngs: nnx.Rngs):
-        self.latents = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_latents, cfg.dim)))
+        self.latents = nnx.Param(init.normal(1.0)(rngs.params(), (cfg.num_latents, cfg.dim)))
         self.img_proj = Linear(cfg.in_dim, cfg.dim, rngs=rngs)
         self.cross_attn = MultiheadAttention(cfg.dim, cfg.num_heads, rngs=rngs)
         self.norm1 = layer_norm(cfg.dim, cfg.eps, rngs=rngs)

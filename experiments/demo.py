@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -41,7 +42,7 @@ from lensjax.evaluate import corpus_bleu4, seed_bleu4, seed_bleu4_per_image, wri
 from lensjax.files import write_text_atomic
 from lensjax.scene_scores import SceneScores, score_scenes
 from lensjax.train import RunFolder, plot_losses
-from steps import run_cli
+from steps import run_cli, run_cli_on_cores
 
 OUT = Path("demo_out")
 # The decoder's phase. The original's curriculum at this scale (demo-prepend, demo-inject,
@@ -54,9 +55,9 @@ PHASE = "demo-all"
 # then the background and count) and stays frozen: trained along with the rest, the decoder's
 # early gradients undo that reading (BENCHMARKS.md, "make demo").
 DECODER_RATES = "perceiver=0,gpt2=2e-3,lm=2e-3,xattn=3e-3"
-# Its steps: one epoch of the training captions at batch 32 (the phase table's 650 steps
-# caption a little better and take 45 s more).
-DECODER_STEPS = 560
+# Its steps: the phase table's 650 at batch 32 (1.16 epochs). 560 (one epoch) caption worse
+# by ~0.02 triple F1 at the same encoder (BENCHMARKS.md, "make demo").
+DECODER_STEPS = 650
 TARGET = 0.40
 # The encoder's scene pretraining: steps, batch, and the image side it (and so the captioner)
 # uses. Batches of 16 name more shapes' kinds than 32 for the same images seen.
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=200,
                         help="held-out images captioned and scored at the end")
     args = parser.parse_args(argv)
-    from lensjax import extract, scene_pretrain, train
+    from lensjax import extract, train
 
     started = time.time()
     shutil.rmtree(OUT, ignore_errors=True)
@@ -99,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _step(2, f"pretraining the encoder on the scene labels ({ENCODER_STEPS} steps, "
           f"{IMAGE_SIZE} px), then its features", started)
-    _cli(scene_pretrain, [str(OUT / "shapes"), "--out", str(OUT / "encoder"), "--steps",
-                          str(ENCODER_STEPS), "--batch-size", str(ENCODER_BATCH),
-                          "--image-size", str(IMAGE_SIZE)])
+    # Its small convolutions leave a core idle: two XLA devices, half of each batch per core.
+    run_cli_on_cores("demo", "lensjax.scene_pretrain", [
+        str(OUT / "shapes"), "--out", str(OUT / "encoder"), "--steps", str(ENCODER_STEPS),
+        "--batch-size", str(ENCODER_BATCH), "--image-size", str(IMAGE_SIZE)],
+        devices=min(2, os.cpu_count() or 1))
     _cli(extract, [str(OUT / "shapes" / "images"), "--weights", str(OUT / "encoder"),
                    "--out", str(OUT / "features"), "--shards", "2"])
 

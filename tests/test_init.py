@@ -63,6 +63,13 @@ def test_the_same_key_gives_the_same_values_and_another_key_others():
     assert not np.array_equal(draw(KEY, (5, 3)), draw(jax.random.key(8), (5, 3)))
     raw = jax.random.key_data(KEY)  # an old-style uint32 key draws the same
     np.testing.assert_array_equal(draw(raw, (5, 3)), draw(KEY, (5, 3)))
+    # One key at two shapes draws unrelated values, not one the prefix of the other (two
+    # modules built from equal seeds, as a captioner and its scene probe, would otherwise
+    # start with proportional weights; BENCHMARKS.md, "make demo", has the one run measured).
+    small, large = np.asarray(init.normal(1.0)(KEY, (8,))), np.asarray(
+        init.normal(1.0)(KEY, (4, 8)))
+    assert abs(np.corrcoef(small, large[0])[0, 1]) < 0.9
+    assert not np.allclose(small, large.ravel()[:8])
 
 
 def test_traced_construction_gives_the_eager_values():

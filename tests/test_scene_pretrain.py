@@ -2,6 +2,10 @@
 scenes, what it trains, and its command line."""
 
 import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -145,3 +149,30 @@ def test_the_perceiver_learns_at_its_own_rate():
     moved = {k for k in before if not np.array_equal(before[k], np.asarray(after[k]))}
     assert any(k.startswith("encoder.") for k in moved)
     assert not any(k.startswith("perceiver.") for k in moved)
+
+
+def test_two_devices_split_each_batch_and_give_one_devices_losses():
+    script = textwrap.dedent("""
+        import os, sys
+        if sys.argv[1] == "2":
+            os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import dataclasses, json, jax, numpy as np
+        jax.config.update("jax_default_matmul_precision", "highest")
+        from flax import nnx
+        from lensjax.data.synthetic import Scene, Shape
+        from lensjax.models.families import family_of, preset_config
+        from lensjax.scene_pretrain import PretrainSettings, pretrain, scene_targets
+        cfg = dataclasses.replace(preset_config("tiny"), image_size=32)
+        captioner = family_of(cfg).module(cfg, rngs=nnx.Rngs(0))
+        scene = Scene("x.png", "gray", (Shape("circle", "blue", "large", (4, 4, 20, 20)),))
+        pixels = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+        probe, losses = pretrain(captioner, pixels, scene_targets([scene] * 6, 8, 32),
+                                 PretrainSettings(steps=6, batch_size=4, warmup=1),
+                                 progress=False)
+        print(json.dumps([len(jax.devices()), losses]))
+    """)
+    runs = [json.loads(subprocess.run(
+        [sys.executable, "-c", script, devices], capture_output=True, text=True, check=True,
+        timeout=600).stdout.splitlines()[-1]) for devices in ("1", "2")]
+    assert [devices for devices, _ in runs] == [1, 2]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-4)

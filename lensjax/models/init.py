@@ -38,7 +38,9 @@ def _on_host(draw: Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
         shape = tuple(int(s) for s in shape)
 
         def host(words) -> np.ndarray:
-            seed = np.asarray(words, np.uint32).ravel().tolist()
+            # The shape is part of the seed: one key drawn at two shapes gives unrelated
+            # values, as jax.random's do, not one the prefix of the other.
+            seed = [*np.asarray(words, np.uint32).ravel().tolist(), len(shape), *shape]
             return np.asarray(draw(np.random.default_rng(seed), shape), dtype)
 
         words = _key_words(key)

@@ -28,6 +28,10 @@ trained (its language model and cross-attention random), so `python -m lensjax.e
 --weights`, `--init encoder=` and `--init perceiver=` read it as any other. Only the set's
 training images are seen: the split is the training CLI's (`seed_split`, seed 42, 90%), and
 the held-out accuracies are measured on the rest.
+
+Each batch is split over this host's devices when they divide it. On a CPU, give XLA the
+cores as devices (`XLA_FLAGS=--xla_force_host_platform_device_count=2`, as `make demo` does):
+the small encoder's convolutions leave a core idle otherwise (~10% faster on 2 cores).
 """
 
 from __future__ import annotations

@@ -155,9 +155,10 @@ def _notebook_beam(model: CaptionModel, feature: np.ndarray, width: int, steps: 
 
 @pytest.mark.parametrize("quirk", [False, True], ids=["top-w", "argsort-quirk"])
 def test_v2_beam_search_is_the_notebooks_ranked_beam(quirk):
-    model = _model("v2-tiny", seed=2, feature_dim=32)
+    model = _model("v2-tiny", seed=0, feature_dim=32)
     # varied words, and [UNK] the likeliest first word but not always among the likeliest
-    # later, so that both of the quirk's cases occur
+    # later, so that both of the quirk's cases occur (the last assertion checks this draw
+    # still gives that case; the model's seed was chosen for it)
     rng = np.random.default_rng(7)
     output = model.module.decoder.output
     output.kernel[...] = rng.normal(0, 1.0, output.kernel.shape)

@@ -80,7 +80,7 @@ class VisionTower(nnx.Module):
         self.ln_pre = layer_norm(cfg.width, eps, rngs=rngs)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, eps, rngs=rngs)
         self.ln_post = layer_norm(cfg.width, eps, rngs=rngs)
-        self.proj = nnx.Param(init(rngs.params(), (cfg.width, embed_dim)))
+        self.proj = nnx.Param(normal(rngs.params(), (cfg.width, embed_dim)))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """(B, S, S, 3) -> (B, embed_dim)."""
